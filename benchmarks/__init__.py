@@ -1,0 +1,1 @@
+"""Speed, memory and accuracy benchmarks; each writes its figures as JSON."""

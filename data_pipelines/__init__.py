@@ -1,0 +1,1 @@
+"""Offline RLDS conversion, clip loading and the procedural toy world (to come)."""

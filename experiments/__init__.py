@@ -1,0 +1,1 @@
+"""Experiment entry points: demos, trainers and configs."""

@@ -1,0 +1,20 @@
+"""Geometry: point tracks + first-frame depth + intrinsics -> SE(3) motion -> robot actions.
+
+Flax-free pure functions, written for jit and vmap. The batched entry point is
+:func:`fit_rigid_sequence`; :func:`fit_rigid` is its single-frame building block.
+"""
+
+from flipjax.geometry import camera, robust, se3
+from flipjax.geometry.rigid_fit import FitConfig, FrameFit, fit_rigid
+from flipjax.geometry.sequence import SequenceFit, fit_rigid_sequence
+
+__all__ = [
+    "FitConfig",
+    "FrameFit",
+    "SequenceFit",
+    "camera",
+    "fit_rigid",
+    "fit_rigid_sequence",
+    "robust",
+    "se3",
+]

@@ -1,0 +1,1 @@
+"""Linen modules for the FLIP action, dynamics, codec, value and policy modules (to come)."""

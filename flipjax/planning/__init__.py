@@ -1,0 +1,1 @@
+"""Jitted hill-climbing beam search over flows, videos and values (to come)."""
