@@ -40,7 +40,7 @@ def _plot(path: str, scene, fits: dict, index: int) -> None:
     true = np.asarray(se3.apply(scene.transforms[index], centroid[None, None])[:, 0])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     axes[0].plot(true[:, 0], true[:, 2], "k-o", label="true")
-    for (name, fit), style in zip(fits.items(), ("C0--s", "C3:^")):
+    for (name, fit), style in zip(fits.items(), ("C0--s", "C3:^"), strict=True):
         est = np.asarray(se3.apply(fit.transforms[index], centroid[None, None])[:, 0])
         axes[0].plot(est[:, 0], est[:, 2], style, label=name)
     axes[0].set_xlabel("x (m, right)")
@@ -50,14 +50,14 @@ def _plot(path: str, scene, fits: dict, index: int) -> None:
     angle_true = np.degrees(np.linalg.norm(np.asarray(se3.so3_log(
         scene.transforms[index, :, :3, :3])), axis=-1))
     axes[1].plot(angle_true, "k-o", label="true")
-    for (name, fit), style in zip(fits.items(), ("C0--s", "C3:^")):
+    for (name, fit), style in zip(fits.items(), ("C0--s", "C3:^"), strict=True):
         ang = np.degrees(np.linalg.norm(np.asarray(se3.so3_log(
             fit.transforms[index, :, :3, :3])), axis=-1))
         axes[1].plot(ang, style, label=name)
     axes[1].set_xlabel("frame")
     axes[1].set_ylabel("rotation from frame 0 (deg)")
     axes[1].legend()
-    for (name, fit), color in zip(fits.items(), ("C0", "C3")):
+    for (name, fit), color in zip(fits.items(), ("C0", "C3"), strict=True):
         rot, _ = _errors(fit, scene)
         axes[2].plot(np.arange(1, rot.shape[1] + 1), np.median(rot, 0), "-o", color=color,
                      label=f"{name} (median over batch)")

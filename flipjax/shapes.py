@@ -53,7 +53,7 @@ def check(
         raise ValueError(
             f"{name}: expected shape [{pattern}] ({len(tokens)} axes), got {list(x.shape)}"
         )
-    for tok, size in zip(tokens, shape):
+    for tok, size in zip(tokens, shape, strict=True):
         if tok.isdigit():
             if size != int(tok):
                 raise ValueError(f"{name}: expected shape [{pattern}], got {list(x.shape)}")
@@ -83,5 +83,5 @@ def as_array(x: Any, name: str) -> jnp.ndarray | np.ndarray:
         return x
     try:
         return np.asarray(x)
-    except Exception as e:  # noqa: BLE001 - re-raised with the argument's name
+    except Exception as e:
         raise ValueError(f"{name}: cannot convert {type(x).__name__} to an array: {e}") from e

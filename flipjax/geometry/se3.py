@@ -60,7 +60,8 @@ def _theta_terms(phi: Array) -> tuple[Array, Array, Array]:
     theta = jnp.sqrt(theta2_safe)
     a = jnp.where(small, 1.0 - theta2 / 6.0, jnp.sin(theta) / theta)
     b = jnp.where(small, 0.5 - theta2 / 24.0, (1.0 - jnp.cos(theta)) / theta2_safe)
-    c = jnp.where(small, 1.0 / 6.0 - theta2 / 120.0, (theta - jnp.sin(theta)) / (theta2_safe * theta))
+    c = jnp.where(small, 1.0 / 6.0 - theta2 / 120.0,
+                  (theta - jnp.sin(theta)) / (theta2_safe * theta))
     return a, b, c
 
 
