@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from flipjax import shapes
-from flipjax.geometry import rigid_fit, se3
+from flipjax.geometry import camera, rigid_fit, se3
 from flipjax.geometry.rigid_fit import FitConfig
 from flipjax.typing import Array, ArrayLike, PRNGKey
 
@@ -143,8 +143,6 @@ def fit_rigid_sequence(
     if not isinstance(config, FitConfig):
         raise ValueError(f"config: expected a FitConfig, got {type(config).__name__}")
     if image_size is not None:
-        from flipjax.geometry import camera
-
         image_size = camera._image_size(image_size)
     key = jax.random.PRNGKey(0) if key is None else key
     if not (hasattr(key, "shape") and (key.shape == (2,) or (key.shape == () and
