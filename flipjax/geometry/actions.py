@@ -65,8 +65,7 @@ def update_stuck_counter(count: ArrayLike, previous_position: ArrayLike, positio
       (count int32[...], replan bool[...]); the count resets to 0 when it triggers or moves.
     """
     prev, pos = jnp.asarray(previous_position), jnp.asarray(position)
-    dims = shapes.check(prev, "previous_position", "... 3", dtype="float")
-    del dims
+    shapes.check(prev, "previous_position", "... 3", dtype="float")
     if prev.shape != pos.shape:
         raise ValueError(f"position: expected shape {list(prev.shape)} like previous_position, "
                          f"got {list(pos.shape)}")
@@ -92,11 +91,10 @@ def low_inlier_trigger(inliers: ArrayLike, usable: ArrayLike, min_fraction: floa
       bool[...]; also True when no point is usable.
     """
     inliers, usable = jnp.asarray(inliers), jnp.asarray(usable)
-    dims = shapes.check(inliers, "inliers", "... N", dtype="bool")
+    shapes.check(inliers, "inliers", "... N", dtype="bool")
     if usable.shape != inliers.shape or usable.dtype != jnp.bool_:
         raise ValueError(f"usable: expected bool{list(inliers.shape)} like inliers, got "
                          f"{usable.dtype}{list(usable.shape)}")
-    del dims
     n_usable = jnp.sum(usable, -1)
     n_in = jnp.sum(inliers & usable, -1)
     return (n_usable == 0) | (n_in < min_fraction * n_usable)

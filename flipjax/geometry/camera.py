@@ -94,8 +94,7 @@ def unproject(pixels: ArrayLike, depth: ArrayLike, K: ArrayLike) -> Array:
       float[... 3] points with ``points[..., 2] == depth``.
     """
     pixels, depth = jnp.asarray(pixels), jnp.asarray(depth)
-    dims = shapes.check(pixels, "pixels", "... 2", dtype="float")
-    del dims
+    shapes.check(pixels, "pixels", "... 2", dtype="float")
     if depth.shape != pixels.shape[:-1]:
         raise ValueError(
             f"depth: expected shape {list(pixels.shape[:-1])} to match pixels "
@@ -124,13 +123,14 @@ def in_image(pixels: ArrayLike, image_size: tuple[int, int], margin: float = 0.0
     """
     pixels = jnp.asarray(pixels)
     shapes.check(pixels, "pixels", "... 2", dtype="float")
-    h, w = _image_size(image_size)
+    h, w = check_image_size(image_size)
     u, v = pixels[..., 0], pixels[..., 1]
     lo = -0.5 + margin
     return (u >= lo) & (v >= lo) & (u <= w - 0.5 - margin) & (v <= h - 0.5 - margin)
 
 
-def _image_size(image_size) -> tuple[int, int]:
+def check_image_size(image_size) -> tuple[int, int]:
+    """Returns ``image_size`` as a pair of positive ints (H, W); ValueError otherwise."""
     try:
         h, w = (int(s) for s in image_size)
     except (TypeError, ValueError) as e:

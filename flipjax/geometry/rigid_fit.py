@@ -333,7 +333,12 @@ def fit_frame(Xc: Array, uvc: Array, K: Array, w0: Array, T0: Array, key: PRNGKe
                     degenerate, pick(n_in, n0))
 
 
-def usable_points(points3d: Array, pixels: Array, K: Array, visible: Array | None,
+def _has_depth(points3d: Array, min_depth: float) -> Array:
+    """Finite points in front of the camera: bool[... N]."""
+    return jnp.all(jnp.isfinite(points3d), -1) & (jnp.nan_to_num(points3d[..., 2]) > min_depth)
+
+
+def usable_points(points3d: Array, pixels: Array, visible: Array | None,
                   image_size: tuple[int, int] | None, min_depth: float) -> Array:
     """Which correspondences can take part in a fit: bool[... N].
 
@@ -341,8 +346,7 @@ def usable_points(points3d: Array, pixels: Array, K: Array, visible: Array | Non
     (no depth), its pixel is not finite, it is not visible, or (if ``image_size`` is given) its
     pixel lies outside the image.
     """
-    ok = jnp.all(jnp.isfinite(points3d), -1) & (jnp.nan_to_num(points3d[..., 2]) > min_depth)
-    ok = ok & jnp.all(jnp.isfinite(pixels), -1)
+    ok = _has_depth(points3d, min_depth) & jnp.all(jnp.isfinite(pixels), -1)
     if visible is not None:
         ok = ok & visible
     if image_size is not None:
@@ -355,7 +359,7 @@ def sanitize_points(points3d: Array, min_depth: float) -> Array:
 
     Unusable entries carry zero weight, but 0 * NaN would still poison the normal equations.
     """
-    ok = jnp.all(jnp.isfinite(points3d), -1) & (jnp.nan_to_num(points3d[..., 2]) > min_depth)
+    ok = _has_depth(points3d, min_depth)
     return jnp.where(ok[..., None], points3d, jnp.array([0.0, 0.0, 1.0], points3d.dtype))
 
 
@@ -405,7 +409,7 @@ def fit_rigid(
     T0 = se3.identity(dtype=dtype) if init is None else jnp.asarray(init, dtype)
     shapes.check(T0, "init", "4 4", dtype="float")
     key = jax.random.PRNGKey(0) if key is None else key
-    usable = usable_points(points3d, pixels, K, None, image_size, config.min_depth)
+    usable = usable_points(points3d, pixels, None, image_size, config.min_depth)
     usable = usable & (w > 0) & jnp.isfinite(w)
     X = sanitize_points(points3d, config.min_depth)
     uv = sanitize_pixels(pixels, usable)

@@ -49,7 +49,7 @@ class SequenceFit(NamedTuple):
 def _fit_one(X: Array, tracks: Array, K: Array, visible: Array, key: PRNGKey,
              image_size: tuple[int, int] | None, cfg: FitConfig) -> SequenceFit:
     """One sequence: X [N 3], tracks [T N 2], K [3 3], visible [T N]."""
-    usable = rigid_fit.usable_points(X[None], tracks, K, visible, image_size, cfg.min_depth)
+    usable = rigid_fit.usable_points(X[None], tracks, visible, image_size, cfg.min_depth)
     Xc = rigid_fit.sanitize_points(X, cfg.min_depth).T  # [3 N], see rigid_fit's layout note
     uv = jnp.swapaxes(rigid_fit.sanitize_pixels(tracks, usable), 1, 2)  # [T 2 N]
     eye = se3.identity(dtype=X.dtype)
@@ -143,7 +143,7 @@ def fit_rigid_sequence(
     if not isinstance(config, FitConfig):
         raise ValueError(f"config: expected a FitConfig, got {type(config).__name__}")
     if image_size is not None:
-        image_size = camera._image_size(image_size)
+        image_size = camera.check_image_size(image_size)
     key = jax.random.PRNGKey(0) if key is None else key
     if not (hasattr(key, "shape") and (key.shape == (2,) or (key.shape == () and
             jnp.issubdtype(key.dtype, jax.dtypes.prng_key)))):
