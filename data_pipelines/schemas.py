@@ -1,0 +1,139 @@
+"""Where each RLDS dataset keeps the fields FLIP needs: frames, language and optional geometry.
+
+A key is a path into an RLDS episode: ``steps/...`` for per-step features and
+``episode_metadata/...`` (or any other top-level key) for per-episode ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """Field layout of one RLDS dataset family.
+
+    Attributes:
+      name: schema name used on the command line.
+      cameras: camera name -> image key (``uint8[H W 3]`` per step).
+      default_camera: camera used when none is given.
+      language_key: instruction text key (per step or per episode); None if the dataset has none.
+      embedding_key: the dataset's own sentence embedding (``float[D]`` per step), if any.
+      rotate_180: frames are stored upside down (LIBERO renders flipped) and are turned back.
+      nominal_size: (H, W) the published dataset stores; other sizes are accepted and resized.
+      depth_key, segmentation_key, object_poses_key, intrinsics_key: fields for exact ground-truth
+        tracks (``float[H W]`` metric depth, ``int[H W]`` ids indexing the poses,
+        ``float[K 4 4]`` camera_from_object per step, ``float[3 3]`` per episode).
+    """
+
+    name: str
+    cameras: Mapping[str, str]
+    default_camera: str
+    language_key: str | None
+    embedding_key: str | None = None
+    rotate_180: bool = False
+    nominal_size: tuple[int, int] | None = None
+    depth_key: str | None = None
+    segmentation_key: str | None = None
+    object_poses_key: str | None = None
+    intrinsics_key: str | None = None
+
+    def image_key(self, camera: str | None) -> str:
+        """Returns the image key of ``camera`` (the default camera when None).
+
+        Raises:
+          ValueError: naming the unknown camera and the cameras the schema has.
+        """
+        camera = camera or self.default_camera
+        if camera not in self.cameras:
+            raise ValueError(f"schema {self.name!r} has no camera {camera!r}; "
+                             f"cameras: {sorted(self.cameras)}")
+        return self.cameras[camera]
+
+    @property
+    def ground_truth_keys(self) -> tuple[str, ...]:
+        """Keys needed by the ground-truth tracker (empty when the dataset cannot provide them)."""
+        keys = (self.depth_key, self.segmentation_key, self.object_poses_key, self.intrinsics_key)
+        return tuple(k for k in keys if k) if all(keys) else ()
+
+
+BRIDGE_DATASET = Schema(
+    # rail-berkeley BridgeData V2 1.0.0 (bridge_dataset): 4 cameras at 256x256.
+    name="bridge_dataset",
+    cameras={f"image_{i}": f"steps/observation/image_{i}" for i in range(4)},
+    default_camera="image_0",
+    language_key="steps/language_instruction",
+    embedding_key="steps/language_embedding",
+    nominal_size=(256, 256),
+)
+
+BRIDGE_OXE = Schema(
+    # The Open X-Embodiment copy of Bridge: one 480x640 camera, language inside observation.
+    name="bridge",
+    cameras={"image": "steps/observation/image"},
+    default_camera="image",
+    language_key="steps/observation/natural_language_instruction",
+    embedding_key="steps/observation/natural_language_embedding",
+    nominal_size=(480, 640),
+)
+
+LIBERO = Schema(
+    # libero_10_no_noops and siblings (OpenVLA conversion): images are stored rotated by 180.
+    name="libero",
+    cameras={"image": "steps/observation/image", "wrist_image": "steps/observation/wrist_image"},
+    default_camera="image",
+    language_key="steps/language_instruction",
+    rotate_180=True,
+    nominal_size=(256, 256),
+)
+
+TOY = Schema(
+    # The embedded procedural world (data_pipelines/toy.py) carries everything for exact tracks.
+    name="toy",
+    cameras={"image": "steps/observation/image"},
+    default_camera="image",
+    language_key="steps/language_instruction",
+    depth_key="steps/observation/depth",
+    segmentation_key="steps/observation/segmentation",
+    object_poses_key="steps/observation/object_poses",
+    intrinsics_key="episode_metadata/intrinsics",
+)
+
+SCHEMAS: dict[str, Schema] = {s.name: s for s in (BRIDGE_DATASET, BRIDGE_OXE, LIBERO, TOY)}
+
+
+def generic_schema(image_key: str, language_key: str | None,
+                   embedding_key: str | None = None, rotate_180: bool = False) -> Schema:
+    """A schema for any RLDS dataset from its keys (``--schema=generic``).
+
+    Args:
+      image_key: e.g. ``steps/observation/rgb``.
+      language_key: e.g. ``steps/language_instruction``; None for unlabelled data.
+      embedding_key: optional per-step sentence embedding key.
+      rotate_180: undo a 180-degree storage rotation.
+
+    Returns:
+      A Schema with one camera named ``image``.
+    """
+    for what, key in (("image_key", image_key), ("language_key", language_key),
+                      ("embedding_key", embedding_key)):
+        if key is not None and not key.strip("/"):
+            raise ValueError(f"{what} must be a key path such as 'steps/observation/image'")
+    return Schema(name="generic", cameras={"image": image_key}, default_camera="image",
+                  language_key=language_key, embedding_key=embedding_key, rotate_180=rotate_180)
+
+
+def get_schema(name: str, **generic_options: str | bool | None) -> Schema:
+    """Looks a schema up by name; ``generic`` builds one from ``generic_options``.
+
+    Raises:
+      ValueError: naming the unknown schema and the valid names.
+    """
+    if name == "generic":
+        if not generic_options.get("image_key"):
+            raise ValueError("schema 'generic' needs --image_key (and usually --language_key)")
+        return generic_schema(**generic_options)  # type: ignore[arg-type]
+    if name not in SCHEMAS:
+        raise ValueError(f"unknown schema {name!r}; valid: {[*sorted(SCHEMAS), 'generic']}")
+    return SCHEMAS[name]
