@@ -1,0 +1,505 @@
+"""RLDS episodes -> tracked clip shards (ArrayRecord) plus a manifest.
+
+    python -m data_pipelines.build_clips --rlds_dir=DIR/bridge_dataset/1.0.0 \
+        --schema=bridge_dataset --split=train --out=OUT [--camera --size --grid --horizon \
+        --history --future --tracker --text --workers ...]
+
+One clip per frame of every episode: the frame, the tracks of a grid of query points started
+at that frame for ``horizon`` frames, their visibility, and the instruction's token states.
+Episode ends are padded by repeating the last frame (the paper does the same). Shards hold
+whole episodes (``--episodes_per_shard``) and are built in parallel (``--workers``); finished
+shards are kept when a run is restarted, so an interrupted build resumes. Bad episodes are
+skipped and counted with their reason in ``manifest.json``. Layout: ``records.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipelines import records, tracking
+from data_pipelines import text as text_lib
+from data_pipelines.frames import plan_frames
+from data_pipelines.rlds import (
+    Episode,
+    check_keys,
+    num_episodes,
+    open_builder,
+    read_episodes,
+    required_keys,
+)
+from data_pipelines.schemas import Schema, get_schema
+
+TRACKERS = ("lk", "ground_truth", "file")
+TEXT_BACKENDS = ("hash", "dataset", "file", "minilm")
+# Options that do not change the output (a resumed build may change them freely).
+_RUNTIME_ONLY = ("workers", "progress")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """Everything that determines a clip dataset (recorded verbatim in the manifest)."""
+
+    rlds_dir: str
+    out: str
+    schema: str = "bridge_dataset"
+    split: str = "train"
+    camera: str | None = None
+    size: tuple[int, int] = (128, 128)
+    aspect: str = "crop"
+    grid: int = 23
+    horizon: int = 16
+    history: int = 16
+    future: int = 15
+    tracker: str = "lk"
+    tracks_dir: str | None = None
+    fb_threshold: float = 1.0
+    text: str = "hash"
+    text_file: str | None = None
+    text_model_dir: str | None = None
+    text_dim: int = 128
+    text_max_tokens: int = 16
+    episodes_per_shard: int = 64
+    max_episodes: int | None = None
+    min_episode_length: int = 2
+    image_key: str | None = None
+    language_key: str | None = None
+    embedding_key: str | None = None
+    rotate_180: bool = False
+    workers: int = 1
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first inconsistent option."""
+        if self.tracker not in TRACKERS:
+            raise ValueError(f"--tracker must be one of {TRACKERS}, got {self.tracker!r}")
+        if self.tracker == "file" and not self.tracks_dir:
+            raise ValueError("--tracker=file needs --tracks_dir")
+        if self.text not in TEXT_BACKENDS:
+            raise ValueError(f"--text must be one of {TEXT_BACKENDS}, got {self.text!r}")
+        if self.text == "file" and not self.text_file:
+            raise ValueError("--text=file needs --text_file")
+        if len(self.size) != 2 or min(self.size) < 8:
+            raise ValueError(f"--size must be H,W with both >= 8, got {self.size}")
+        for name in ("grid", "horizon", "history", "episodes_per_shard", "min_episode_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.future < 0:
+            raise ValueError(f"--future must be >= 0, got {self.future}")
+        if self.horizon < 2:
+            raise ValueError(f"--horizon counts the start frame and must be >= 2, got "
+                             f"{self.horizon}")
+
+    def get_schema(self) -> Schema:
+        return get_schema(self.schema, image_key=self.image_key, language_key=self.language_key,
+                          embedding_key=self.embedding_key, rotate_180=self.rotate_180) \
+            if self.schema == "generic" else get_schema(self.schema)
+
+    def output_defining(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in _RUNTIME_ONLY:
+            d.pop(k)
+        d["size"] = list(d["size"])
+        return d
+
+
+def _make_text_encoder(options: BuildOptions) -> Any:
+    if options.text == "dataset":
+        return None
+    if options.text == "hash":
+        return text_lib.make_text_encoder("hash", dim=options.text_dim,
+                                          max_tokens=options.text_max_tokens)
+    if options.text == "file":
+        return text_lib.make_text_encoder("file", path=options.text_file)
+    return text_lib.make_text_encoder("minilm", model_dir=options.text_model_dir,
+                                      max_tokens=options.text_max_tokens)
+
+
+def _check_frames(ep: Episode) -> str | None:
+    """Returns why an episode's frames are unusable, or None."""
+    f = ep.frames
+    if f.ndim != 4 or f.shape[-1] != 3:
+        return f"image shape {list(f.shape[1:])} is not [H W 3]"
+    if f.dtype != np.uint8:
+        return f"image dtype {f.dtype} is not uint8"
+    return None
+
+
+class _EpisodeProcessor:
+    """Turns one RLDS episode into prepared frames, tracks and a text key (one per worker)."""
+
+    def __init__(self, options: BuildOptions, schema: Schema):
+        self.options, self.schema = options, schema
+        h, w = options.size
+        self.queries = tracking.grid_queries(options.grid, h, w)
+        self.transforms: dict[tuple[int, int], Any] = {}
+
+    def transform(self, in_size: tuple[int, int]) -> Any:
+        if in_size not in self.transforms:
+            self.transforms[in_size] = plan_frames(in_size, self.options.size,
+                                                   self.options.aspect, self.schema.rotate_180)
+        return self.transforms[in_size]
+
+    def __call__(self, ep: Episode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        o = self.options
+        tf = self.transform(tuple(ep.frames.shape[1:3]))
+        frames = tf(ep.frames)
+        if o.tracker == "lk":
+            tracks, visible = tracking.track_lk(frames, self.queries, o.horizon,
+                                                fb_threshold=o.fb_threshold)
+            return frames, tracks, visible
+        if o.tracker == "ground_truth":
+            # Query the grid where it lies in the stored frames, then map the tracks forward.
+            s, off = np.asarray(tf.scale), np.asarray(tf.offset)
+            raw_queries = ((self.queries + 0.5 - off) / s - 0.5).astype(np.float32)
+            tracks, visible = tracking.track_ground_truth(
+                ep.depth, ep.segmentation, ep.object_poses, ep.intrinsics, raw_queries,
+                o.horizon)
+        else:
+            tracks, visible = tracking.load_track_file(
+                tracking.track_file_path(o.tracks_dir, ep.index), len(ep.frames))
+            if tracks.shape[1] != len(self.queries) or tracks.shape[2] != o.horizon:
+                raise ValueError(f"track file for episode {ep.index} has {tracks.shape[1]} "
+                                 f"points x {tracks.shape[2]} steps; the build expects "
+                                 f"{len(self.queries)} (--grid {o.grid}) x {o.horizon}")
+        tracks, visible = tracking.transform_tracks(tracks, tf.scale, tf.offset, o.size, visible)
+        if o.tracker == "file":
+            miss = np.abs(tracks[:, :, 0] - self.queries).max()
+            if miss > 0.5:
+                raise ValueError(f"track file for episode {ep.index} does not start on the "
+                                 f"{o.grid}x{o.grid} grid (off by {miss:.2f} px after resize)")
+        # Anchor every track exactly at its grid point (removes round-off of the round trip,
+        # and the sub-0.5 px query jitter a file's tracker may have).
+        tracks = tracks - tracks[:, :, :1] + self.queries[None, :, None]
+        return frames, tracks, visible
+
+
+def build_shard(options: BuildOptions, shard: int, start: int, stop: int,
+                progress_queue: Any = None) -> dict[str, Any]:
+    """Builds one shard from episodes ``start:stop`` and writes its done marker.
+
+    Returns:
+      The done marker (counts, skip reasons, statistics, file sizes and CRCs).
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    t0 = time.time()
+    schema = options.get_schema()
+    builder = open_builder(options.rlds_dir)
+    process = _EpisodeProcessor(options, schema)
+    encoder = _make_text_encoder(options)
+    h, w = options.size
+    layout = records.Layout(h, w, options.grid, options.horizon)
+    stem = records.shard_stem(options.out, shard)
+    files = records.shard_files(stem)
+    tmp = {k: p.with_name(p.name + ".tmp") for k, p in files.items()}
+    frames_w = ArrayRecordWriter(str(tmp["frames"]), records.WRITER_OPTIONS)
+    tracks_w = ArrayRecordWriter(str(tmp["tracks"]), records.WRITER_OPTIONS)
+    index_rows: list[np.ndarray] = []
+    text_ids: dict[str, int] = {}
+    text_rows: list[tuple[np.ndarray, np.ndarray]] = []
+    skipped: Counter = Counter()
+    stats: Counter = Counter()
+    sizes: Counter = Counter()
+    read_errors: dict[str, int] = {}
+    gt = options.tracker == "ground_truth"
+    for ep in read_episodes(builder, schema, options.split, start, stop, camera=options.camera,
+                            embedding=options.text == "dataset", ground_truth=gt,
+                            errors=read_errors):
+        if progress_queue is not None:
+            progress_queue.put(1)
+        reason = _check_frames(ep)
+        if reason is None and len(ep.frames) < options.min_episode_length:
+            reason = f"short episode (< {options.min_episode_length} frames)"
+        if reason is None:
+            try:
+                frames, tracks, visible = process(ep)
+            except ValueError as e:  # a bad track file or geometry field: skip, say why
+                reason = str(e).split(";")[0][:120]
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        sizes["x".join(map(str, ep.frames.shape[1:3]))] += 1
+        instruction = ep.instruction
+        key = instruction if options.text != "dataset" else (
+            instruction + "\x00" + np.asarray(ep.embedding, np.float32).tobytes().hex())
+        if key not in text_ids:
+            if encoder is None:
+                tok, mask = text_lib.sentence_embedding_tokens(ep.embedding)
+                if not instruction:
+                    tok, mask = np.zeros_like(tok), np.zeros_like(mask)
+            else:
+                tok, mask = encoder.encode([instruction])
+                tok, mask = tok[0], mask[0]
+            text_ids[key] = len(text_rows)
+            text_rows.append((tok, mask))
+        if not instruction:
+            stats["empty_instruction_episodes"] += 1
+        if len(ep.frames) < options.horizon:
+            stats["padded_short_episodes"] += 1
+        first = sum(len(r) for r in index_rows)
+        t_len = len(frames)
+        for t in range(t_len):
+            frames_w.write(frames[t].tobytes())
+            tracks_w.write(layout.encode_tracks(tracks[t], visible[t]))
+        index_rows.append(np.stack([np.full(t_len, ep.index), np.arange(t_len),
+                                    np.full(t_len, t_len), np.full(t_len, first),
+                                    np.full(t_len, text_ids[key])], -1).astype(np.int64))
+        stats["episodes"] += 1
+        stats["clips"] += t_len
+        vis = visible[:, :, 1:]
+        stats["visible_points"] += int(vis.sum())
+        stats["tracked_points"] += int(vis.size)
+        disp = np.linalg.norm(tracks[:, :, -1] - tracks[:, :, 0], axis=-1)
+        stats["displacement_sum"] += float(disp[visible[:, :, -1]].sum())
+        stats["displacement_count"] += int(visible[:, :, -1].sum())
+    frames_w.close()
+    tracks_w.close()
+    index = (np.concatenate(index_rows) if index_rows
+             else np.zeros((0, len(records.INDEX_FIELDS)), np.int64))
+    with open(tmp["index"], "wb") as f:
+        np.save(f, index)
+    if text_rows:
+        lt = max(t.shape[0] for t, _ in text_rows)
+        tokens = np.stack([np.pad(t, ((0, lt - t.shape[0]), (0, 0))) for t, _ in text_rows])
+        masks = np.stack([np.pad(m, (0, lt - m.shape[0])) for _, m in text_rows])
+    else:
+        tokens, masks = np.zeros((0, 1, 1), np.float16), np.zeros((0, 1), bool)
+    instructions = [k.split("\x00")[0] for k in text_ids]
+    with open(tmp["text"], "wb") as f:
+        records.write_text_table(f, instructions, tokens, masks)
+    for role, p in tmp.items():
+        os.replace(p, files[role])
+    skipped.update(read_errors)
+    done = {"shard": shard, "episodes_range": [start, stop], "records": len(index),
+            "skipped": dict(skipped), "stats": dict(stats), "frame_sizes": dict(sizes),
+            "text_shape": list(tokens.shape[1:]), "seconds": time.time() - t0,
+            "files": records.describe_files(stem)}
+    records.done_path(stem).write_text(json.dumps(done, indent=1))
+    return done
+
+
+def _plan_shards(options: BuildOptions, total: int) -> list[tuple[int, int, int]]:
+    n = total if options.max_episodes is None else min(total, options.max_episodes)
+    e = options.episodes_per_shard
+    return [(i, a, min(a + e, n)) for i, a in enumerate(range(0, n, e))]
+
+
+def _prepare_out(options: BuildOptions) -> Path:
+    """Creates OUT, or checks that an existing OUT was built with the same options."""
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "build_options.json"
+    mine = options.output_defining()
+    if saved.exists():
+        theirs = json.loads(saved.read_text())
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            raise ValueError(f"--out {out} holds clips built with other options "
+                             f"(option: (theirs, yours)) {diff}; use a new --out or delete it")
+    else:
+        saved.write_text(json.dumps(mine, indent=1))
+    for stray in out.glob("*.tmp"):  # left by an interrupted shard
+        stray.unlink()
+    return out
+
+
+def _run_shards(options: BuildOptions, todo: list[tuple[int, int, int]], total_episodes: int,
+                already: int) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_episodes, initial=already, unit="ep", desc="build_clips",
+               disable=not options.progress, smoothing=0.05)
+    results = []
+    try:
+        if options.workers <= 1 or len(todo) <= 1:
+            class _Bar:
+                def put(self, n: int) -> None:
+                    bar.update(n)
+
+            for shard, a, b in todo:
+                results.append(build_shard(options, shard, a, b, _Bar()))
+            return results
+        import multiprocessing as mp
+
+        # TensorFlow and OpenCV do not survive fork; spawn gives every worker a clean process.
+        ctx = mp.get_context("spawn")
+        with ctx.Manager() as manager, ctx.Pool(options.workers) as pool:
+            queue = manager.Queue()
+            pending = [pool.apply_async(build_shard, (options, s, a, b, queue))
+                       for s, a, b in todo]
+            while pending:
+                while not queue.empty():
+                    bar.update(queue.get())
+                still = []
+                for r in pending:
+                    if r.ready():
+                        results.append(r.get())  # re-raises a worker's exception here
+                    else:
+                        still.append(r)
+                pending = still
+                time.sleep(0.1)
+            while not queue.empty():
+                bar.update(queue.get())
+        return results
+    finally:
+        bar.close()
+
+
+def build_clips(options: BuildOptions) -> dict[str, Any]:
+    """Builds (or resumes) a clip dataset and writes ``OUT/manifest.json``.
+
+    Args:
+      options: the build options.
+
+    Returns:
+      The manifest: options, sizes, counts, skip reasons, statistics, shards and timing.
+    """
+    options.validate()
+    schema = options.get_schema()
+    builder = open_builder(options.rlds_dir)
+    check_keys(builder, required_keys(schema, options.camera,
+                                      embedding=options.text == "dataset",
+                                      ground_truth=options.tracker == "ground_truth"))
+    if options.text not in ("dataset",):
+        _make_text_encoder(options)  # fail now on a missing model or text file, not in a worker
+    total = num_episodes(builder, options.split)
+    plan = _plan_shards(options, total)
+    out = _prepare_out(options)
+    t0 = time.time()
+    done, todo = {}, []
+    for s, a, b in plan:
+        marker = records.shard_is_complete(records.shard_stem(out, s))
+        if marker is not None and marker["episodes_range"] == [a, b]:
+            done[s] = marker
+        else:
+            todo.append((s, a, b))
+    kept = sum(b - a for s, a, b in plan if s in done)
+    for r in _run_shards(options, todo, sum(b - a for _, a, b in plan), kept):
+        done[r["shard"]] = r
+    manifest = _manifest(options, schema, [done[s] for s, _, _ in plan], time.time() - t0,
+                         resumed_shards=len(plan) - len(todo))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _manifest(options: BuildOptions, schema: Schema, shards: list[dict[str, Any]],
+              seconds: float, resumed_shards: int) -> dict[str, Any]:
+    skipped: Counter = Counter()
+    stats: Counter = Counter()
+    sizes: Counter = Counter()
+    for d in shards:
+        skipped.update(d["skipped"])
+        stats.update(d["stats"])
+        sizes.update(d["frame_sizes"])
+    text_shapes = {tuple(d["text_shape"]) for d in shards if d["records"]}
+    dims = {s[1] for s in text_shapes}
+    if len(dims) > 1:
+        raise ValueError(f"shards disagree on the text embedding width: {sorted(dims)}")
+    data_bytes = sum(f["bytes"] for d in shards for f in d["files"].values())
+    clips = int(stats["clips"])
+    h, w = options.size
+    n = options.grid ** 2
+    return {
+        "format_version": records.FORMAT_VERSION,
+        "options": options.output_defining(),
+        "schema": dataclasses.asdict(schema),
+        "layout": {"height": h, "width": w, "grid": options.grid, "num_points": n,
+                   "horizon": options.horizon,
+                   "history": options.history, "future": options.future,
+                   "text_tokens": max((s[0] for s in text_shapes), default=0),
+                   "text_dim": next(iter(dims), 0), "index_fields": list(records.INDEX_FIELDS),
+                   "writer_options": records.WRITER_OPTIONS},
+        "counts": {"episodes_in_split_range": sum(d["episodes_range"][1] - d["episodes_range"][0]
+                                                  for d in shards),
+                   "episodes": int(stats["episodes"]), "clips": clips,
+                   "skipped": dict(skipped), "skipped_total": int(sum(skipped.values())),
+                   "empty_instruction_episodes": int(stats["empty_instruction_episodes"]),
+                   "padded_short_episodes": int(stats["padded_short_episodes"]),
+                   "frame_sizes_in": dict(sizes)},
+        "statistics": {
+            "visible_fraction": stats["visible_points"] / max(1, stats["tracked_points"]),
+            "mean_displacement_px": stats["displacement_sum"] / max(1,
+                                                                    stats["displacement_count"]),
+        },
+        "bytes": {"total": data_bytes, "per_clip": data_bytes / max(1, clips)},
+        "shards": [{"stem": records.shard_stem("", d["shard"]).name, "records": d["records"],
+                    "episodes_range": d["episodes_range"], "files": d["files"]}
+                   for d in shards],
+        "timing": {"seconds": seconds, "resumed_shards": resumed_shards,
+                   "shard_seconds": sum(d["seconds"] for d in shards)},
+    }
+
+
+def _flags() -> Any:
+    from absl import flags
+
+    f = flags
+    f.DEFINE_string("rlds_dir", None, "Prepared RLDS directory DIR/name/version.")
+    f.DEFINE_string("out", None, "Output directory for clip shards and manifest.json.")
+    f.DEFINE_string("schema", "bridge_dataset", "bridge_dataset | bridge | libero | toy | generic")
+    f.DEFINE_string("split", "train", "Split to convert.")
+    f.DEFINE_string("camera", None, "Camera name (schema default when unset).")
+    f.DEFINE_list("size", ["128", "128"], "Output frame size H,W (one value: square).")
+    f.DEFINE_enum("aspect", "crop", ["crop", "pad"], "Fix the aspect ratio by centre crop or pad.")
+    f.DEFINE_integer("grid", 23, "Track a GxG grid of query points per frame.")
+    f.DEFINE_integer("horizon", 16, "Track length L including the start frame.")
+    f.DEFINE_integer("history", 16, "Frames up to and including the current one (loader default).")
+    f.DEFINE_integer("future", 15, "Frames after the current one (loader default).")
+    f.DEFINE_enum("tracker", "lk", list(TRACKERS), "Point tracker.")
+    f.DEFINE_string("tracks_dir", None, "Directory of per-episode track files (--tracker=file).")
+    f.DEFINE_float("fb_threshold", 1.0, "LK forward-backward error (px) that ends a track.")
+    f.DEFINE_enum("text", "hash", list(TEXT_BACKENDS), "Language embedding backend.")
+    f.DEFINE_string("text_file", None, "npz of instruction -> token states (--text=file).")
+    f.DEFINE_string("text_model_dir", None, "Local sentence-encoder directory (--text=minilm).")
+    f.DEFINE_integer("text_dim", 128, "Width of the hashed-token embedding.")
+    f.DEFINE_integer("text_max_tokens", 16, "Tokens per instruction (hash, minilm).")
+    f.DEFINE_integer("episodes_per_shard", 64, "Episodes per shard (the unit of resume).")
+    f.DEFINE_integer("max_episodes", None, "Convert only the first N episodes.")
+    f.DEFINE_integer("min_episode_length", 2, "Skip episodes with fewer frames.")
+    f.DEFINE_string("image_key", None, "generic schema: image key, e.g. steps/observation/rgb.")
+    f.DEFINE_string("language_key", None, "generic schema: instruction key.")
+    f.DEFINE_string("embedding_key", None, "generic schema: sentence embedding key.")
+    f.DEFINE_bool("rotate_180", False, "generic schema: frames are stored upside down.")
+    f.DEFINE_integer("workers", max(1, (os.cpu_count() or 2) - 1), "Parallel shard builders.")
+    return flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from absl import app
+
+    fl = FLAGS
+    if not fl.rlds_dir or not fl.out:
+        raise app.UsageError("--rlds_dir and --out are required")
+    size = [int(s) for s in fl.size]
+    size = size * 2 if len(size) == 1 else size
+    options = BuildOptions(
+        rlds_dir=fl.rlds_dir, out=fl.out, schema=fl.schema, split=fl.split, camera=fl.camera,
+        size=tuple(size), aspect=fl.aspect, grid=fl.grid, horizon=fl.horizon,
+        history=fl.history, future=fl.future, tracker=fl.tracker, tracks_dir=fl.tracks_dir,
+        fb_threshold=fl.fb_threshold, text=fl.text, text_file=fl.text_file,
+        text_model_dir=fl.text_model_dir, text_dim=fl.text_dim,
+        text_max_tokens=fl.text_max_tokens, episodes_per_shard=fl.episodes_per_shard,
+        max_episodes=fl.max_episodes, min_episode_length=fl.min_episode_length,
+        image_key=fl.image_key, language_key=fl.language_key, embedding_key=fl.embedding_key,
+        rotate_180=fl.rotate_180, workers=fl.workers)
+    m = build_clips(options)
+    c = m["counts"]
+    print(f"{c['clips']} clips from {c['episodes']} episodes in {len(m['shards'])} shards -> "
+          f"{fl.out} ({m['bytes']['per_clip'] / 1e3:.1f} KB/clip, "
+          f"{m['timing']['seconds']:.1f}s); skipped {c['skipped_total']}: {c['skipped']}")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    FLAGS = _flags()
+    app.run(main)
