@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from data_pipelines.rlds_writer import write_rlds
 from data_pipelines.toy_tasks import ToyEpisode, sample_episode
@@ -119,14 +120,18 @@ def to_rlds(episode: ToyEpisode, index: int) -> dict[str, Any]:
     }
 
 
-def episodes(config: ToyConfig, split: str, count: int, seed: int) -> Iterator[dict[str, Any]]:
+def episodes(config: ToyConfig, split: str, count: int, seed: int,
+             progress: bool = False) -> Iterator[dict[str, Any]]:
     """Yields ``count`` rendered RLDS episodes of ``split``."""
-    for i in range(count):
+    from tqdm import tqdm
+
+    for i in tqdm(range(count), desc=f"toy world {split}", unit="ep", disable=not progress):
         yield to_rlds(sample_episode(episode_rng(seed, split, i), config), i)
 
 
 def build(out: str | Path, episodes_per_split: dict[str, int], *, seed: int = 0,
-          config: ToyConfig = ToyConfig(), file_format: str = "tfrecord") -> Path:
+          config: ToyConfig = ToyConfig(), file_format: str = "tfrecord",
+          progress: bool = False) -> Path:
     """Writes the toy world RLDS dataset.
 
     Args:
@@ -135,6 +140,7 @@ def build(out: str | Path, episodes_per_split: dict[str, int], *, seed: int = 0,
       seed: dataset seed.
       config: world parameters.
       file_format: ``tfrecord`` or ``array_record``.
+      progress: show a progress bar per split.
 
     Returns:
       The dataset directory.
@@ -142,7 +148,7 @@ def build(out: str | Path, episodes_per_split: dict[str, int], *, seed: int = 0,
     for split, n in episodes_per_split.items():
         if n <= 0:
             raise ValueError(f"split {split!r} needs at least one episode, got {n}")
-    splits = {split: (lambda s=split, n=n: episodes(config, s, n, seed))
+    splits = {split: (lambda s=split, n=n: episodes(config, s, n, seed, progress))
               for split, n in episodes_per_split.items()}
     desc = f"flipjax toy world, seed {seed}, config {dataclasses.asdict(config)}"
     return write_rlds(out, NAME, features(config), splits, version=VERSION, description=desc,
@@ -161,13 +167,15 @@ _FORMAT = flags.DEFINE_enum("file_format", "tfrecord", ["tfrecord", "array_recor
 
 def main(argv: list[str]) -> None:
     del argv
+    logging.set_verbosity(logging.WARNING)
     if not _OUT.value:
         raise app.UsageError("--out is required")
     config = ToyConfig(image_size=_SIZE.value, failure_fraction=_FAIL.value)
     path = build(_OUT.value, {"train": _EPISODES.value, "val": _VAL.value}, seed=_SEED.value,
-                 config=config, file_format=_FORMAT.value)
+                 config=config, file_format=_FORMAT.value, progress=True)
     print(f"toy world written to {path}")
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     app.run(main)

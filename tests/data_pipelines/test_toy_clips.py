@@ -8,7 +8,7 @@ pytest.importorskip("grain")
 
 import jax
 
-from data_pipelines import toy, tracking
+from data_pipelines import ground_truth_tracks, toy, tracking
 from data_pipelines.build_clips import BuildOptions, build_clips
 from data_pipelines.loader import ClipDataset, make_loader
 from data_pipelines.rlds import open_builder, read_episodes
@@ -91,9 +91,10 @@ def test_lk_matches_ground_truth_on_toy_scenes(toy_rlds):
     errors, moving = [], []
     for ep in eps:
         q = tracking.grid_queries(23, 128, 128)
-        gt, gt_vis = tracking.track_ground_truth(ep.depth, ep.segmentation, ep.object_poses,
+        gt, gt_vis = ground_truth_tracks.track_ground_truth(ep.depth, ep.segmentation, ep.object_poses,
                                                  ep.intrinsics, q, 16)
-        lk, _ = tracking.track_lk(ep.frames, q, 16)
+        opts = BuildOptions(rlds_dir="", out="")  # the settings build_clips tracks with
+        lk, _ = tracking.track_lk(ep.frames, q, 16, window=opts.lk_window, levels=opts.lk_levels)
         e = tracking.track_errors(lk, gt, gt_vis)
         errors.append(e["median"])
         # Error on points that actually move (the gripper and the carried block).
