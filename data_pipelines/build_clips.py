@@ -127,6 +127,15 @@ def _make_text_encoder(options: BuildOptions) -> Any:
                                       max_tokens=options.text_max_tokens)
 
 
+class SkipEpisode(Exception):
+    """An episode that cannot become clips: ``reason`` is the category counted in the manifest,
+    ``detail`` the specifics kept as an example."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
 def _check_frames(ep: Episode) -> str | None:
     """Returns why an episode's frames are unusable, or None."""
     f = ep.frames
@@ -170,26 +179,45 @@ class _EpisodeProcessor:
             # Query the grid where it lies in the stored frames, then map the tracks forward.
             s, off = np.asarray(tf.scale), np.asarray(tf.offset)
             raw_queries = ((self.queries + 0.5 - off) / s - 0.5).astype(np.float32)
-            tracks, visible = ground_truth_tracks.track_ground_truth(
-                ep.depth, ep.segmentation, ep.object_poses, ep.intrinsics, raw_queries,
-                o.horizon)
+            try:
+                tracks, visible = ground_truth_tracks.track_ground_truth(
+                    ep.depth, ep.segmentation, ep.object_poses, ep.intrinsics, raw_queries,
+                    o.horizon)
+            except ValueError as e:
+                raise SkipEpisode("bad ground-truth geometry fields", str(e)) from e
         else:
-            tracks, visible = track_files.load_track_file(
-                track_files.track_file_path(o.tracks_dir, ep.index), len(ep.frames))
+            try:
+                tracks, visible = track_files.load_track_file(
+                    track_files.track_file_path(o.tracks_dir, ep.index), len(ep.frames))
+            except (ValueError, FileNotFoundError) as e:
+                raise SkipEpisode("missing or invalid track file", str(e)) from e
             if tracks.shape[1] != len(self.queries) or tracks.shape[2] != o.horizon:
-                raise ValueError(f"track file for episode {ep.index} has {tracks.shape[1]} "
-                                 f"points x {tracks.shape[2]} steps; the build expects "
-                                 f"{len(self.queries)} (--grid {o.grid}) x {o.horizon}")
+                raise SkipEpisode("track file has another grid or horizon",
+                                  f"{tracks.shape[1]} points x {tracks.shape[2]} steps; the "
+                                  f"build expects {len(self.queries)} (--grid {o.grid}) x "
+                                  f"{o.horizon}")
         tracks, visible = track_files.transform_tracks(tracks, tf.scale, tf.offset, o.size, visible)
         if o.tracker == "file":
             miss = np.abs(tracks[:, :, 0] - self.queries).max()
             if miss > 0.5:
-                raise ValueError(f"track file for episode {ep.index} does not start on the "
-                                 f"{o.grid}x{o.grid} grid (off by {miss:.2f} px after resize)")
+                raise SkipEpisode(f"track file does not start on the {o.grid}x{o.grid} grid",
+                                  f"off by {miss:.2f} px after resize")
         # Anchor every track exactly at its grid point (removes round-off of the round trip,
         # and the sub-0.5 px query jitter a file's tracker may have).
         tracks = tracks - tracks[:, :, :1] + self.queries[None, :, None]
         return frames, tracks, visible
+
+
+def _embed(encoder: Any, instruction: str, embedding: np.ndarray | None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Token states and mask of one instruction (the dataset's own embedding if no encoder)."""
+    try:
+        if encoder is None:
+            return text_lib.sentence_embedding_tokens(embedding, valid=bool(instruction))
+        tok, mask = encoder.encode([instruction])
+    except ValueError as e:  # e.g. an instruction the --text_file does not have
+        raise SkipEpisode("instruction cannot be embedded", str(e)) from e
+    return tok[0], mask[0]
 
 
 def build_shard(options: BuildOptions, shard: int, start: int, stop: int,
@@ -217,6 +245,7 @@ def build_shard(options: BuildOptions, shard: int, start: int, stop: int,
     text_ids: dict[str, int] = {}
     text_rows: list[tuple[np.ndarray, np.ndarray]] = []
     skipped: Counter = Counter()
+    examples: dict[str, list[str]] = {}
     stats: Counter = Counter()
     sizes: Counter = Counter()
     read_errors: dict[str, int] = {}
@@ -226,31 +255,26 @@ def build_shard(options: BuildOptions, shard: int, start: int, stop: int,
                             errors=read_errors):
         if progress_queue is not None:
             progress_queue.put(1)
-        reason = _check_frames(ep)
-        if reason is None and len(ep.frames) < options.min_episode_length:
-            reason = f"short episode (< {options.min_episode_length} frames)"
-        if reason is None:
-            try:
-                frames, tracks, visible = process(ep)
-            except ValueError as e:  # a bad track file or geometry field: skip, say why
-                reason = str(e).split(";")[0][:120]
-        if reason is not None:
-            skipped[reason] += 1
-            continue
-        sizes["x".join(map(str, ep.frames.shape[1:3]))] += 1
         instruction = ep.instruction
         key = instruction if options.text != "dataset" else (
             instruction + "\x00" + np.asarray(ep.embedding, np.float32).tobytes().hex())
-        if key not in text_ids:
-            if encoder is None:
-                tok, mask = text_lib.sentence_embedding_tokens(ep.embedding)
-                if not instruction:
-                    tok, mask = np.zeros_like(tok), np.zeros_like(mask)
-            else:
-                tok, mask = encoder.encode([instruction])
-                tok, mask = tok[0], mask[0]
-            text_ids[key] = len(text_rows)
-            text_rows.append((tok, mask))
+        try:
+            reason = _check_frames(ep)
+            if reason is not None:
+                raise SkipEpisode(reason)
+            if len(ep.frames) < options.min_episode_length:
+                raise SkipEpisode(f"short episode (< {options.min_episode_length} frames)",
+                                  f"{len(ep.frames)} frames")
+            frames, tracks, visible = process(ep)
+            if key not in text_ids:
+                text_rows.append(_embed(encoder, instruction, ep.embedding))
+                text_ids[key] = len(text_rows) - 1
+        except SkipEpisode as e:
+            skipped[e.reason] += 1
+            if len(examples.setdefault(e.reason, [])) < 3:
+                examples[e.reason].append(f"episode {ep.index}: {e.detail}"[:300])
+            continue
+        sizes["x".join(map(str, ep.frames.shape[1:3]))] += 1
         if not instruction:
             stats["empty_instruction_episodes"] += 1
         if len(ep.frames) < options.horizon:
@@ -290,7 +314,8 @@ def build_shard(options: BuildOptions, shard: int, start: int, stop: int,
         os.replace(p, files[role])
     skipped.update(read_errors)
     done = {"shard": shard, "episodes_range": [start, stop], "records": len(index),
-            "skipped": dict(skipped), "stats": dict(stats), "frame_sizes": dict(sizes),
+            "skipped": dict(skipped), "skipped_examples": examples, "stats": dict(stats),
+            "frame_sizes": dict(sizes),
             "text_shape": list(tokens.shape[1:]), "seconds": time.time() - t0,
             "files": records.describe_files(stem)}
     records.done_path(stem).write_text(json.dumps(done, indent=1))
@@ -406,8 +431,11 @@ def _manifest(options: BuildOptions, schema: Schema, shards: list[dict[str, Any]
     skipped: Counter = Counter()
     stats: Counter = Counter()
     sizes: Counter = Counter()
+    examples: dict[str, list[str]] = {}
     for d in shards:
         skipped.update(d["skipped"])
+        for reason, ex in d.get("skipped_examples", {}).items():
+            examples.setdefault(reason, []).extend(ex[:3 - len(examples.get(reason, []))])
         stats.update(d["stats"])
         sizes.update(d["frame_sizes"])
     text_shapes = {tuple(d["text_shape"]) for d in shards if d["records"]}
@@ -432,6 +460,7 @@ def _manifest(options: BuildOptions, schema: Schema, shards: list[dict[str, Any]
                                                   for d in shards),
                    "episodes": int(stats["episodes"]), "clips": clips,
                    "skipped": dict(skipped), "skipped_total": int(sum(skipped.values())),
+                   "skipped_examples": examples,
                    "empty_instruction_episodes": int(stats["empty_instruction_episodes"]),
                    "padded_short_episodes": int(stats["padded_short_episodes"]),
                    "frame_sizes_in": dict(sizes)},
