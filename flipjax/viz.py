@@ -1,0 +1,51 @@
+"""Drawing: point tracks over frames (matplotlib, imported lazily; install the `viz` extra)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def draw_tracks(ax: Any, frame: np.ndarray, tracks: np.ndarray, visible: np.ndarray | None = None,
+                *, every: int = 1, min_motion: float = 0.0, title: str | None = None) -> None:
+    """Draws a frame with point tracks coloured from start (dark) to end (bright).
+
+    Args:
+      ax: a matplotlib Axes.
+      frame: uint8[H W 3] (or float in [0, 1]) the frame the tracks start on.
+      tracks: float[N L 2] pixel positions (u, v).
+      visible: bool[N L]; invisible steps are not drawn. None draws everything.
+      every: draw every ``every``-th track.
+      min_motion: skip tracks whose end is closer than this (px) to their start.
+      title: axes title.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    tracks = np.asarray(tracks, np.float32)
+    if tracks.ndim != 3 or tracks.shape[-1] != 2:
+        raise ValueError(f"tracks: expected shape [N L 2], got {list(tracks.shape)}")
+    n, length, _ = tracks.shape
+    vis = np.ones((n, length), bool) if visible is None else np.asarray(visible, bool)
+    if vis.shape != (n, length):
+        raise ValueError(f"visible: expected shape [{n} {length}], got {list(vis.shape)}")
+    ax.imshow(frame)
+    keep = np.arange(0, n, every)
+    keep = keep[np.linalg.norm(tracks[keep, -1] - tracks[keep, 0], axis=-1) >= min_motion]
+    segs, colors = [], []
+    cmap = plt.get_cmap("plasma")
+    for i in keep:
+        for k in range(length - 1):
+            if vis[i, k] and vis[i, k + 1]:
+                segs.append(tracks[i, k:k + 2])
+                colors.append(cmap(k / max(1, length - 2)))
+    if segs:
+        ax.add_collection(LineCollection(segs, colors=colors, linewidths=1.0))
+    start = keep[vis[keep, 0]]
+    ax.scatter(tracks[start, 0, 0], tracks[start, 0, 1], s=2, c="white", linewidths=0)
+    ax.set_xlim(-0.5, frame.shape[1] - 0.5)
+    ax.set_ylim(frame.shape[0] - 0.5, -0.5)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=7)
