@@ -167,7 +167,6 @@ def read_episodes(
     Yields:
       Episode.
     """
-    import tensorflow as tf
     import tensorflow_datasets as tfds
 
     keys = required_keys(schema, camera, embedding=embedding, ground_truth=ground_truth)
@@ -191,25 +190,15 @@ def read_episodes(
         return None
 
     decoders = skip_tree(builder.info.features, "") or None
-    ds = builder.as_dataset(split=f"{split}[{start}:{stop}]", shuffle_files=False,
-                            decoders=decoders,
-                            read_config=tfds.ReadConfig(add_tfds_id=True))
     step_keys = [k for k in keys if k.startswith("steps/")]
     episode_keys = [k for k in keys if not k.startswith("steps/")]
-
-    @tf.autograph.experimental.do_not_convert
-    def select(ep: Any) -> Any:
-        steps = ep["steps"].batch(1 << 30).get_single_element()
-        out = {k: _get(steps, k[len("steps/"):]) for k in step_keys}
-        out.update({k: _get(ep, k) for k in episode_keys})
-        out["tfds_id"] = ep["tfds_id"]
-        return out
-
-    ds = ds.map(select, num_parallel_calls=2).ignore_errors()
-    ordinal = _ordinal_fn(builder, split)
+    if "array_record" in str(builder.info.file_format).lower():
+        rows = _array_record_rows(builder, split, start, stop, decoders, step_keys,
+                                  episode_keys)
+    else:
+        rows = _tfrecord_rows(builder, split, start, stop, decoders, step_keys, episode_keys)
     seen = set()
-    for ex in tfds.as_numpy(ds):
-        index = ordinal(_text(ex["tfds_id"]))
+    for index, ex in rows:
         seen.add(index)
         text = ""
         if schema.language_key:
@@ -230,3 +219,46 @@ def read_episodes(
         lost = (stop - start) - len(seen)
         if lost:
             errors["unreadable RLDS record"] = errors.get("unreadable RLDS record", 0) + lost
+
+
+def _tfrecord_rows(builder: Any, split: str, start: int, stop: int, decoders: Any,
+                   step_keys: list[str], episode_keys: list[str]) -> Iterator[tuple[int, dict]]:
+    """(ordinal, {key: array}) per readable episode, through tf.data (TFRecord datasets)."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    ds = builder.as_dataset(split=f"{split}[{start}:{stop}]", shuffle_files=False,
+                            decoders=decoders, read_config=tfds.ReadConfig(add_tfds_id=True))
+
+    @tf.autograph.experimental.do_not_convert
+    def select(ep: Any) -> Any:
+        steps = ep["steps"].batch(1 << 30).get_single_element()
+        out = {k: _get(steps, k[len("steps/"):]) for k in step_keys}
+        out.update({k: _get(ep, k) for k in episode_keys})
+        out["tfds_id"] = ep["tfds_id"]
+        return out
+
+    # A record that fails to parse or decode is dropped here and counted by the caller.
+    ds = ds.map(select, num_parallel_calls=2).ignore_errors()
+    ordinal = _ordinal_fn(builder, split)
+    for ex in tfds.as_numpy(ds):
+        yield ordinal(_text(ex["tfds_id"])), ex
+
+
+def _array_record_rows(builder: Any, split: str, start: int, stop: int, decoders: Any,
+                       step_keys: list[str], episode_keys: list[str]
+                       ) -> Iterator[tuple[int, dict]]:
+    """(ordinal, {key: array}) per readable episode, by random access (ArrayRecord datasets:
+    tfds serves them as data sources, not through tf.data)."""
+    source = builder.as_data_source(split=split, decoders=decoders)
+    for index in range(start, stop):
+        try:
+            ep = source[index]
+            steps = ep["steps"]
+            rows = [steps[i] for i in range(len(steps))]
+            out = {k: np.stack([np.asarray(_get(r, k[len("steps/"):])) for r in rows])
+                   for k in step_keys}
+            out.update({k: _get(ep, k) for k in episode_keys})
+        except Exception:  # any decode failure: skip and count, as tf.data does above
+            continue
+        yield index, out
