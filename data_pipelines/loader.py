@@ -52,19 +52,26 @@ class ClipDataset:
         if self.manifest.get("format_version") != records.FORMAT_VERSION:
             raise ValueError(f"{path}: format_version {self.manifest.get('format_version')} "
                              f"is not {records.FORMAT_VERSION}; rebuild the clips")
-        lay = self.manifest["layout"]
-        self.layout = records.Layout(lay["height"], lay["width"], lay["grid"], lay["horizon"])
-        self.history = int(lay["history"] if history is None else history)
-        self.future = int(lay["future"] if future is None else future)
+        try:
+            lay = self.manifest["layout"]
+            self.layout = records.Layout(lay["height"], lay["width"], lay["grid"],
+                                         lay["horizon"])
+            defaults = (lay["history"], lay["future"], lay["text_tokens"], lay["text_dim"])
+            shards = [(s["stem"], s["files"]) for s in self.manifest["shards"]]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path} lacks {e}: not a complete build_clips manifest") from e
+        self.history = int(defaults[0] if history is None else history)
+        self.future = int(defaults[1] if future is None else future)
         if self.history < 1 or self.future < 0:
             raise ValueError(f"history must be >= 1 and future >= 0, got {self.history}, "
                              f"{self.future}")
-        self.text_tokens = int(lay["text_tokens"])
-        self.text_dim = int(lay["text_dim"])
-        self._stems = [self.directory / s["stem"] for s in self.manifest["shards"]]
-        for stem, shard in zip(self._stems, self.manifest["shards"], strict=True):
+        self.text_tokens, self.text_dim = int(defaults[2]), int(defaults[3])
+        self._stems = [self.directory / stem for stem, _ in shards]
+        for stem, (_, files) in zip(self._stems, shards, strict=True):
             for role, p in records.shard_files(stem).items():
-                want = shard["files"][role]
+                if role not in files:
+                    raise ValueError(f"{path}: shard {stem.name} lists no {role} file")
+                want = files[role]
                 if not p.exists():
                     raise ValueError(f"clip shard file {p} is missing")
                 if p.stat().st_size != want["bytes"]:
