@@ -420,14 +420,15 @@ def build_clips(options: BuildOptions) -> dict[str, Any]:
     kept = sum(b - a for s, a, b in plan if s in done)
     for r in _run_shards(options, todo, sum(b - a for _, a, b in plan), kept):
         done[r["shard"]] = r
-    manifest = _manifest(options, schema, [done[s] for s, _, _ in plan], time.time() - t0,
-                         resumed_shards=len(plan) - len(todo))
+    text = records.merge_text_tables(out, [records.shard_stem(out, s) for s, _, _ in plan])
+    manifest = _manifest(options, schema, [done[s] for s, _, _ in plan], text,
+                         time.time() - t0, resumed_shards=len(plan) - len(todo))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
 def _manifest(options: BuildOptions, schema: Schema, shards: list[dict[str, Any]],
-              seconds: float, resumed_shards: int) -> dict[str, Any]:
+              text: dict[str, Any], seconds: float, resumed_shards: int) -> dict[str, Any]:
     skipped: Counter = Counter()
     stats: Counter = Counter()
     sizes: Counter = Counter()
@@ -438,10 +439,6 @@ def _manifest(options: BuildOptions, schema: Schema, shards: list[dict[str, Any]
             examples.setdefault(reason, []).extend(ex[:3 - len(examples.get(reason, []))])
         stats.update(d["stats"])
         sizes.update(d["frame_sizes"])
-    text_shapes = {tuple(d["text_shape"]) for d in shards if d["records"]}
-    dims = {s[1] for s in text_shapes}
-    if len(dims) > 1:
-        raise ValueError(f"shards disagree on the text embedding width: {sorted(dims)}")
     data_bytes = sum(f["bytes"] for d in shards for f in d["files"].values())
     clips = int(stats["clips"])
     h, w = options.size
@@ -453,8 +450,8 @@ def _manifest(options: BuildOptions, schema: Schema, shards: list[dict[str, Any]
         "layout": {"height": h, "width": w, "grid": options.grid, "num_points": n,
                    "horizon": options.horizon,
                    "history": options.history, "future": options.future,
-                   "text_tokens": max((s[0] for s in text_shapes), default=0),
-                   "text_dim": next(iter(dims), 0), "index_fields": list(records.INDEX_FIELDS),
+                   "text_tokens": text["tokens"], "text_dim": text["dim"],
+                   "index_fields": list(records.INDEX_FIELDS),
                    "writer_options": records.WRITER_OPTIONS},
         "counts": {"episodes_in_split_range": sum(d["episodes_range"][1] - d["episodes_range"][0]
                                                   for d in shards),
@@ -470,9 +467,11 @@ def _manifest(options: BuildOptions, schema: Schema, shards: list[dict[str, Any]
                                                                     stats["displacement_count"]),
         },
         "bytes": {"total": data_bytes, "per_clip": data_bytes / max(1, clips)},
+        "text": {"instructions": text["instructions"], "files": records.GLOBAL_TEXT_FILES},
         "shards": [{"stem": records.shard_stem("", d["shard"]).name, "records": d["records"],
-                    "episodes_range": d["episodes_range"], "files": d["files"]}
-                   for d in shards],
+                    "episodes_range": d["episodes_range"], "files": d["files"],
+                    "text_ids": ids}
+                   for d, ids in zip(shards, text["remap"], strict=True)],
         "timing": {"seconds": seconds, "resumed_shards": resumed_shards,
                    "shard_seconds": sum(d["seconds"] for d in shards)},
     }

@@ -58,6 +58,9 @@ class ClipDataset:
                                          lay["horizon"])
             defaults = (lay["history"], lay["future"], lay["text_tokens"], lay["text_dim"])
             shards = [(s["stem"], s["files"]) for s in self.manifest["shards"]]
+            self._text_ids = [np.asarray(s["text_ids"], np.int64)
+                              for s in self.manifest["shards"]]
+            text_files = self.manifest["text"]["files"]
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path} lacks {e}: not a complete build_clips manifest") from e
         self.history = int(defaults[0] if history is None else history)
@@ -85,7 +88,11 @@ class ClipDataset:
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._offsets_tail = self._offsets[1:]
         self._readers: dict[tuple[int, str], Any] = {}
-        self._text: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._text_paths = {k: self.directory / text_files[k] for k in ("tokens", "mask")}
+        for p in self._text_paths.values():
+            if not p.exists():
+                raise ValueError(f"text table {p} is missing (the build did not finish)")
+        self._text: tuple[np.ndarray, np.ndarray] | None = None
         self._window = np.arange(-self.history + 1, self.future + 1)
 
     def __len__(self) -> int:
@@ -94,7 +101,7 @@ class ClipDataset:
     # Readers and text tables are per process: grain pickles the dataset into its workers.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_readers"], state["_text"] = {}, {}
+        state["_readers"], state["_text"] = {}, None
         return state
 
     def _reader(self, shard: int, role: str) -> Any:
@@ -109,17 +116,15 @@ class ClipDataset:
                 raise ValueError(f"clip shard file {path} is unreadable: {e}") from e
         return self._readers[key]
 
-    def _text_table(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        if shard not in self._text:
-            _, tokens, mask = records.read_text_table(records.shard_files(self._stems[shard])
-                                                      ["text"])
-            lt = self.text_tokens
-            pad = lt - tokens.shape[1]
-            if pad > 0:  # shards may differ in Lt (the dataset backend has one token)
-                tokens = np.pad(tokens, ((0, 0), (0, pad), (0, 0)))
-                mask = np.pad(mask, ((0, 0), (0, pad)))
-            self._text[shard] = (tokens, mask)
-        return self._text[shard]
+    def _text_table(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._text is None:
+            # Memory-mapped: token states of many instructions stay in the page cache.
+            try:
+                self._text = (np.load(self._text_paths["tokens"], mmap_mode="r"),
+                              np.load(self._text_paths["mask"]))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"text table in {self.directory} is unreadable: {e}") from e
+        return self._text
 
     def locate(self, i: int) -> tuple[int, int]:
         """Global clip index -> (shard, record index in the shard)."""
@@ -143,7 +148,8 @@ class ClipDataset:
                 self._reader(shard, "tracks").read([local])[0])
         except Exception as e:
             raise ValueError(f"clip shard {stem} is corrupt (record {local}): {e}") from e
-        tokens, mask = self._text_table(shard)
+        tokens, mask = self._text_table()
+        text_id = self._text_ids[shard][text_id]
         return {
             "history": frames[:self.history],
             "future": frames[self.history:],

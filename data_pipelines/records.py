@@ -17,13 +17,21 @@ module (4 history + 15 future). A shard ``clips-00007`` holds whole episodes in 
 
 ``clips-00007.done.json`` is written last, with the record count, byte sizes and CRC32 of
 the files; a shard without it (or whose files no longer match it) is rebuilt on resume.
+
+When every shard is done, the shards' text tables are merged into one table of the distinct
+instructions of the whole dataset (same instruction and same token states = one entry):
+``text_tokens.npy`` float16[M Lt D] (memory-mapped by the loader, so Llama-sized states of
+thousands of instructions cost page cache, not RAM), ``text_mask.npy`` bool[M Lt] and
+``text_instructions.json``; the manifest maps each shard's text ids to rows of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
+import os
 import zlib
 from pathlib import Path
 from typing import Any
@@ -173,3 +181,61 @@ def read_text_table(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
             return list(z["instructions"]), z["tokens"], z["mask"]
     except (OSError, KeyError, ValueError) as e:
         raise ValueError(f"text table {path} is unreadable or incomplete: {e}") from e
+
+
+GLOBAL_TEXT_FILES = {"tokens": "text_tokens.npy", "mask": "text_mask.npy",
+                     "instructions": "text_instructions.json"}
+
+
+def merge_text_tables(directory: Path, stems: list[Path]) -> dict[str, Any]:
+    """Merges the shards' text tables into the dataset's table of distinct instructions.
+
+    Streams shard by shard (two passes) so memory stays at one shard's table.
+
+    Returns:
+      ``{"instructions": M, "tokens": Lt, "dim": D, "remap": [[global id per shard id], ...]}``.
+    """
+    keys: dict[str, int] = {}
+    remap: list[list[int]] = []
+    instructions: list[str] = []
+    lt, dims = 1, set()
+    for stem in stems:
+        names, tokens, mask = read_text_table(shard_files(stem)["text"])
+        ids = []
+        for j, name in enumerate(names):
+            if tokens.shape[0] == 0:
+                break
+            digest = hashlib.sha1(np.ascontiguousarray(tokens[j]).tobytes()
+                                  + np.ascontiguousarray(mask[j]).tobytes()).hexdigest()
+            key = f"{name}\x00{digest}"
+            if key not in keys:
+                keys[key] = len(instructions)
+                instructions.append(name)
+            ids.append(keys[key])
+        remap.append(ids)
+        if len(names):
+            lt = max(lt, tokens.shape[1])
+            dims.add(int(tokens.shape[2]))
+    if len(dims) > 1:
+        raise ValueError(f"shards disagree on the text embedding width: {sorted(dims)}")
+    dim = next(iter(dims), 1)
+    paths = {k: directory / v for k, v in GLOBAL_TEXT_FILES.items()}
+    tmp = {k: p.with_name(p.name + ".tmp") for k, p in paths.items()}
+    out_tokens = np.lib.format.open_memmap(tmp["tokens"], mode="w+", dtype=np.float16,
+                                           shape=(len(instructions), lt, dim))
+    out_mask = np.zeros((len(instructions), lt), bool)
+    for stem, ids in zip(stems, remap, strict=True):
+        if not ids:
+            continue
+        _, tokens, mask = read_text_table(shard_files(stem)["text"])
+        out_tokens[ids, :tokens.shape[1]] = tokens
+        out_mask[ids, :mask.shape[1]] = mask
+    out_tokens.flush()
+    del out_tokens
+    with open(tmp["mask"], "wb") as f:
+        np.save(f, out_mask)
+    tmp["instructions"].write_text(json.dumps(instructions, indent=0))
+    for k, p in tmp.items():
+        os.replace(p, paths[k])
+    return {"instructions": len(instructions), "tokens": int(lt), "dim": int(dim),
+            "remap": remap}

@@ -60,6 +60,10 @@ def test_round_trip_shapes_and_dtypes(toy_rlds, toy_clips):
         np.testing.assert_array_equal(clip["future"][k], ep.frames[min(t + 1 + k,
                                                                         len(ep.frames) - 1)])
     np.testing.assert_array_equal(clip["tracks"][:, 0], tracking.grid_queries(23, 128, 128))
+    # One text table for the whole dataset: each distinct instruction once, memory-mapped.
+    assert m["text"]["instructions"] == len({e.instruction for e in eps})
+    tokens, _ = ds._text_table()
+    assert isinstance(tokens, np.memmap) and tokens.shape == (m["text"]["instructions"], 16, 128)
     # Other history/future splits come from the same shards.
     dyn = ClipDataset(out, history=4, future=15)[37]
     np.testing.assert_array_equal(dyn["history"], clip["history"][-4:])
