@@ -439,7 +439,7 @@ def _manifest(options: BuildOptions, schema: Schema, shards: list[dict[str, Any]
             examples.setdefault(reason, []).extend(ex[:3 - len(examples.get(reason, []))])
         stats.update(d["stats"])
         sizes.update(d["frame_sizes"])
-    data_bytes = sum(f["bytes"] for d in shards for f in d["files"].values())
+    data_bytes = sum(f["bytes"] for d in shards for f in d["files"].values()) + text["bytes"]
     clips = int(stats["clips"])
     h, w = options.size
     n = options.grid ** 2

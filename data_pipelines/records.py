@@ -238,4 +238,4 @@ def merge_text_tables(directory: Path, stems: list[Path]) -> dict[str, Any]:
     for k, p in tmp.items():
         os.replace(p, paths[k])
     return {"instructions": len(instructions), "tokens": int(lt), "dim": int(dim),
-            "remap": remap}
+            "remap": remap, "bytes": sum(p.stat().st_size for p in paths.values())}
