@@ -22,6 +22,8 @@ setup(
     packages=find_packages(include=["flipjax*", "data_pipelines*", "experiments*", "benchmarks*"]),
     install_requires=[
         "jax>=0.4.30",
+        "flax>=0.8.5",
+        "optax>=0.2.2",
         "numpy>=1.26",
         "einops>=0.7",
         "ml_collections>=0.1.1",

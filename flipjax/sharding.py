@@ -15,6 +15,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
+# Logical parameter/activation axes (flipjax.models.layers) -> mesh axes. Model widths are
+# sharded over fsdp (ZeRO-3 style: gathered per layer by XLA), heads and MLP hidden units over
+# tensor; everything else is replicated.
+LOGICAL_RULES = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("patch", None),
+    ("vocab", None),
+)
+
 
 def create_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
                 devices: list | None = None) -> Mesh:
