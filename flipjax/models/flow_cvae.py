@@ -1,0 +1,372 @@
+"""FLIP action module: a conditional VAE that proposes flows (point trajectories) as actions.
+
+A JAX/Linen port of the official ``ScaleDirectionCVAE``. Both halves are post-LN transformer
+encoders (torch ``nn.TransformerEncoderLayer`` semantics, ReLU, feed-forward width = D) over
+a token sequence that ends with the shared observation context:
+
+  encoder: [cls | Linear(2L->D)(whole ground-truth trajectories) | image patches | language]
+           -> z_mu, z_logvar (from cls), image / flow reconstructions (auxiliary heads)
+  decoder: [z | Linear(2->D)(query points) | image patches | language]
+           -> per-step scale (softplus) and unit direction for the first L-1 steps,
+              flow = query point + cumulative sum of scale * direction.
+
+Image patches are a p x p patch embedding of the T history frames stacked on channels in
+``(t c)`` order, plus a fixed 2-D sin-cos table; language tokens are Linear(D_lang->D) of
+precomputed sentence-model features. The context is embedded once per call and shared by the
+encoder and the decoder.
+
+Latent sampling (a deliberate fix): the official code samples the posterior as
+``Normal(mu, exp(exp(0.5 * logvar)))`` and the prior at evaluation as
+``Normal(0, exp(exp(0)))`` = N(0, e^2) -- the standard deviation is exponentiated twice, so it
+never matches the KL term the model is trained with. Here the posterior std is
+``exp(0.5 * logvar)`` and the prior is N(0, I). ``official_std=True`` reproduces the official
+double exponential for parity checks only.
+
+Shapes (einops, see ``flipjax.typing``): B batch, N query points, L flow horizon (points per
+trajectory, including the query point), T history frames, H W image size, Lt language tokens,
+Dl language feature width, D model width, P = (H/p)(W/p) image patches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flipjax import shapes
+from flipjax.models.layers import (
+    Dtype,
+    PatchEmbed,
+    PostLNEncoderLayer,
+    dense,
+    padding_mask,
+    sincos_2d,
+)
+from flipjax.typing import Array
+
+# (hidden, encoder layers, decoder layers, heads) of the official CVAE-S/B/L factories.
+_SIZES = {
+    "S": (384, 4, 8, 4),
+    "B": (768, 4, 10, 4),
+    "L": (768, 6, 12, 8),
+    "tiny": (64, 2, 3, 4),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CVAEConfig:
+    """Hyper-parameters of :class:`FlowCVAE` (defaults: official CVAE-S, LIBERO-10 recipe).
+
+    Attributes:
+      hidden: model width D (also the latent width and the feed-forward width).
+      encoder_layers: transformer layers of the posterior encoder.
+      decoder_layers: transformer layers of the flow decoder.
+      num_heads: attention heads.
+      flow_horizon: L, points per trajectory including the query point.
+      history: T, observation frames stacked on channels.
+      img_size: (H, W) of the history frames.
+      patch: patch size p of the image embedding.
+      language_dim: Dl, width of the precomputed sentence features.
+    """
+
+    hidden: int = 384
+    encoder_layers: int = 4
+    decoder_layers: int = 8
+    num_heads: int = 4
+    flow_horizon: int = 16
+    history: int = 16
+    img_size: tuple[int, int] = (128, 128)
+    patch: int = 8
+    language_dim: int = 4096
+
+    @classmethod
+    def named(cls, name: str, **overrides) -> CVAEConfig:
+        """Official size ``"S"``, ``"B"``, ``"L"`` (or ``"tiny"`` for tests), with overrides.
+
+        ``"tiny"`` is the golden-fixture configuration: D=64, 2/3 layers, 4 heads, L=4, T=2,
+        32x32 images.
+        """
+        key = name.upper() if name.upper() in _SIZES else name
+        if key not in _SIZES:
+            raise ValueError(f"unknown CVAE size {name!r}; expected one of {sorted(_SIZES)}")
+        hidden, enc, dec, heads = _SIZES[key]
+        base = dict(hidden=hidden, encoder_layers=enc, decoder_layers=dec, num_heads=heads)
+        if key == "tiny":
+            base.update(flow_horizon=4, history=2, img_size=(32, 32))
+        base.update(overrides)
+        return cls(**base)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(H/p, W/p) patches."""
+        return self.img_size[0] // self.patch, self.img_size[1] // self.patch
+
+    @property
+    def num_patches(self) -> int:
+        """P, image tokens per example."""
+        return math.prod(self.grid)
+
+    def validate(self) -> None:
+        """Raises ValueError on inconsistent sizes."""
+        if self.hidden % self.num_heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by {self.num_heads} heads")
+        if self.hidden % 4:
+            raise ValueError(f"hidden {self.hidden} must be divisible by 4 (2-D sin-cos table)")
+        if any(s % self.patch for s in self.img_size):
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch {self.patch}")
+        if self.flow_horizon < 2:
+            raise ValueError(f"flow_horizon must be >= 2, got {self.flow_horizon}")
+
+
+def cvae_small(**overrides) -> CVAEConfig:
+    """Official CVAE-S: D=384, 4 encoder / 8 decoder layers, 4 heads."""
+    return CVAEConfig.named("S", **overrides)
+
+
+def cvae_base(**overrides) -> CVAEConfig:
+    """Official CVAE-B: D=768, 4 encoder / 10 decoder layers, 4 heads."""
+    return CVAEConfig.named("B", **overrides)
+
+
+def cvae_large(**overrides) -> CVAEConfig:
+    """Official CVAE-L: D=768, 6 encoder / 12 decoder layers, 8 heads."""
+    return CVAEConfig.named("L", **overrides)
+
+
+def latent_std(z_logvar: Array, official_std: bool = False) -> Array:
+    """Posterior standard deviation exp(0.5 logvar); exp of that with ``official_std``."""
+    std = jnp.exp(0.5 * z_logvar)
+    return jnp.exp(std) if official_std else std
+
+
+def reconstruct_flow(query_points: Array, scale: Array, direction: Array) -> Array:
+    """Integrates per-step moves into trajectories.
+
+    Args:
+      query_points: float[B N 2] start points.
+      scale: float[B N S 1] step lengths (S = L-1 steps).
+      direction: float[B N S 2] step directions.
+
+    Returns:
+      float[B N (S+1) 2]: the query point followed by query + cumsum(scale * direction).
+    """
+    dims = shapes.check(query_points, "query_points", "B N 2")
+    dims = shapes.check(scale, "scale", "B N S 1", dims)
+    shapes.check(direction, "direction", "B N S 2", dims)
+    steps = jnp.cumsum(scale * direction, axis=2)
+    return jnp.concatenate([query_points[:, :, None], query_points[:, :, None] + steps], axis=2)
+
+
+class FlowCVAE(nn.Module):
+    """The FLIP action module (see the module docstring).
+
+    Random streams: ``__call__`` and :meth:`sample` draw the latent from the ``"latent"`` rng
+    stream (``apply(..., rngs={"latent": key})``); ``encode`` and ``decode`` are deterministic.
+    """
+
+    config: CVAEConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        c = self.config
+        c.validate()
+        d, lh = c.hidden, c.flow_horizon
+        dt = self.dtype
+        self.language_encoder = dense(d, (None, "embed"), dtype=dt)
+        self.vision_encoder = PatchEmbed(d, c.patch, dtype=dt)
+        self.vision_decoder = dense(3 * c.history * c.patch**2, ("embed", "patch"), dtype=dt)
+        self.query_point_encoder = dense(d, (None, "embed"), dtype=dt)
+        self.flow_encoder = dense(d, (None, "embed"), dtype=dt)
+        self.flow_decoder = dense(2 * lh, ("embed", None), dtype=dt)
+        # torch.randn init, as the official cls token.
+        self.cls_token = self.param(
+            "cls_token", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("embed",)),
+            (d,))
+        self.encoder = [PostLNEncoderLayer(c.num_heads, d, dtype=dt)
+                        for _ in range(c.encoder_layers)]
+        self.decoder = [PostLNEncoderLayer(c.num_heads, d, dtype=dt)
+                        for _ in range(c.decoder_layers)]
+        self.z_mu = dense(d, ("embed", "embed"), dtype=dt)
+        self.z_logvar = dense(d, ("embed", "embed"), dtype=dt)
+        self.scale_head = dense(lh, ("embed", None), dtype=dt)
+        self.direction_head = dense(2 * lh, ("embed", None), dtype=dt)
+
+    # --------------------------------------------------------------------------------------
+    # Shared context
+    # --------------------------------------------------------------------------------------
+
+    def _check_context(self, history: Array, text_tokens: Array, text_mask: Array | None,
+                       dims: dict[str, int]) -> dict[str, int]:
+        c = self.config
+        dims = shapes.check(history, "history", f"B {c.history} {c.img_size[0]} "
+                            f"{c.img_size[1]} 3", dims, dtype="float")
+        dims = shapes.check(text_tokens, "text_tokens", f"B Lt {c.language_dim}", dims,
+                            dtype="float")
+        if text_mask is not None:
+            dims = shapes.check(text_mask, "text_mask", "B Lt", dims, dtype="bool")
+        return dims
+
+    def embed_context(self, history: Array, text_tokens: Array) -> tuple[Array, Array]:
+        """Image and language tokens shared by the encoder and the decoder.
+
+        Args:
+          history: float[B T H W 3] observation frames (the official pipeline feeds
+            ImageNet-normalised RGB).
+          text_tokens: float[B Lt Dl] sentence features.
+
+        Returns:
+          (float[B P D] image tokens, float[B Lt D] language tokens).
+        """
+        self._check_context(history, text_tokens, None, {})
+        # (t c) channel order: the official model stacks frames with 'b t c h w -> b (t c) h w'.
+        stacked = einops.rearrange(history, "b t h w c -> b h w (t c)").astype(self.dtype)
+        pos = jnp.asarray(sincos_2d(self.config.hidden, *self.config.grid), self.dtype)
+        img = self.vision_encoder(stacked) + pos[None]
+        return img, self.language_encoder(text_tokens.astype(self.dtype))
+
+    def _run(self, layers: list[PostLNEncoderLayer], prefix: Array, img: Array, lang: Array,
+             text_mask: Array | None) -> Array:
+        b = prefix.shape[0]
+        x = jnp.concatenate([prefix, img, lang], axis=1)
+        mask = None
+        if text_mask is not None:
+            valid = jnp.concatenate(
+                [jnp.ones((b, prefix.shape[1] + img.shape[1]), bool), text_mask], axis=1)
+            mask = padding_mask(valid)
+        for layer in layers:
+            x = layer(x, mask)
+        return x
+
+    # --------------------------------------------------------------------------------------
+    # Encoder / decoder on embedded context
+    # --------------------------------------------------------------------------------------
+
+    def _encode(self, flow: Array, img: Array, lang: Array,
+                text_mask: Array | None) -> dict[str, Array]:
+        b, n, lh, _ = flow.shape
+        flow_tokens = self.flow_encoder(
+            einops.rearrange(flow, "b n l two -> b n (l two)").astype(self.dtype))
+        cls = jnp.broadcast_to(self.cls_token.astype(self.dtype), (b, 1, self.config.hidden))
+        x = self._run(self.encoder, jnp.concatenate([cls, flow_tokens], axis=1), img, lang,
+                      text_mask)
+        h = x[:, 0]
+        return {
+            "z_mu": self.z_mu(h).astype(jnp.float32),
+            "z_logvar": jnp.clip(self.z_logvar(h).astype(jnp.float32), -10.0, 10.0),
+            "img_output": self.vision_decoder(x[:, 1 + n:1 + n + img.shape[1]]).astype(
+                jnp.float32),
+            "flow_output": self.flow_decoder(x[:, 1:1 + n]).astype(jnp.float32).reshape(
+                b, n, lh, 2),
+        }
+
+    def _decode(self, query_points: Array, img: Array, lang: Array, text_mask: Array | None,
+                z: Array) -> dict[str, Array]:
+        b, n, _ = query_points.shape
+        lh = self.config.flow_horizon
+        q = self.query_point_encoder(query_points.astype(self.dtype))
+        prefix = jnp.concatenate([z.astype(self.dtype)[:, None], q], axis=1)
+        h = self._run(self.decoder, prefix, img, lang, text_mask)[:, 1:1 + n]
+        # The heads predict L steps; the last one has no successor and is dropped (official).
+        scale = jax.nn.softplus(self.scale_head(h).astype(jnp.float32))
+        scale = scale.reshape(b, n, lh, 1)[:, :, :-1]
+        direction = self.direction_head(h).astype(jnp.float32).reshape(b, n, lh, 2)[:, :, :-1]
+        norm = jnp.linalg.norm(direction, axis=-1, keepdims=True)
+        direction = direction / jnp.maximum(norm, 1e-12)  # torch F.normalize's eps
+        flow = reconstruct_flow(query_points.astype(jnp.float32), scale, direction)
+        return {"scale": scale, "direction": direction, "flow": flow}
+
+    # --------------------------------------------------------------------------------------
+    # Public entry points
+    # --------------------------------------------------------------------------------------
+
+    def encode(self, flow: Array, history: Array, text_tokens: Array,
+               text_mask: Array | None = None) -> dict[str, Array]:
+        """Posterior q(z | flow, observation, language) and the auxiliary reconstructions.
+
+        Args:
+          flow: float[B N L 2] ground-truth trajectories (pixels).
+          history: float[B T H W 3] observation frames.
+          text_tokens: float[B Lt Dl] sentence features.
+          text_mask: bool[B Lt], True for real tokens; None = all valid.
+
+        Returns:
+          dict with z_mu float[B D], z_logvar float[B D] (clamped to [-10, 10]),
+          img_output float[B P (p q T 3)] (patch pixels in (p q t c) order, the official
+          ``_patchify`` layout) and flow_output float[B N L 2].
+        """
+        dims = shapes.check(flow, "flow", f"B N {self.config.flow_horizon} 2", dtype="float")
+        self._check_context(history, text_tokens, text_mask, dims)
+        img, lang = self.embed_context(history, text_tokens)
+        return self._encode(flow, img, lang, text_mask)
+
+    def decode(self, query_points: Array, history: Array, text_tokens: Array,
+               text_mask: Array | None, z: Array) -> dict[str, Array]:
+        """Flow proposal p(flow | z, query points, observation, language).
+
+        Args:
+          query_points: float[B N 2] start points (pixels).
+          history: float[B T H W 3] observation frames.
+          text_tokens: float[B Lt Dl] sentence features.
+          text_mask: bool[B Lt], True for real tokens; None = all valid.
+          z: float[B D] latent.
+
+        Returns:
+          dict with scale float[B N L-1 1] (>= 0), direction float[B N L-1 2] (unit) and
+          flow float[B N L 2] = query point followed by query + cumsum(scale * direction).
+        """
+        dims = shapes.check(query_points, "query_points", "B N 2", dtype="float")
+        dims = shapes.check(z, "z", f"B {self.config.hidden}", dims, dtype="float")
+        self._check_context(history, text_tokens, text_mask, dims)
+        img, lang = self.embed_context(history, text_tokens)
+        return self._decode(query_points, img, lang, text_mask, z)
+
+    def __call__(self, flow: Array, history: Array, text_tokens: Array,
+                 text_mask: Array | None = None, *,
+                 official_std: bool = False) -> dict[str, Array]:
+        """Training pass: encode, reparameterised posterior sample, decode from the query
+        points ``flow[:, :, 0]``.
+
+        Args:
+          flow: float[B N L 2] ground-truth trajectories.
+          history: float[B T H W 3] observation frames.
+          text_tokens: float[B Lt Dl] sentence features.
+          text_mask: bool[B Lt], True for real tokens; None = all valid.
+          official_std: sample with the official std exp(exp(0.5 logvar)) (parity only).
+
+        Returns:
+          The union of :meth:`encode` and :meth:`decode` outputs plus z float[B D].
+        """
+        dims = shapes.check(flow, "flow", f"B N {self.config.flow_horizon} 2", dtype="float")
+        self._check_context(history, text_tokens, text_mask, dims)
+        img, lang = self.embed_context(history, text_tokens)
+        post = self._encode(flow, img, lang, text_mask)
+        eps = jax.random.normal(self.make_rng("latent"), post["z_mu"].shape, jnp.float32)
+        z = post["z_mu"] + latent_std(post["z_logvar"], official_std) * eps
+        return {**post, "z": z, **self._decode(flow[:, :, 0], img, lang, text_mask, z)}
+
+    def sample(self, query_points: Array, history: Array, text_tokens: Array,
+               text_mask: Array | None = None, *,
+               official_std: bool = False) -> dict[str, Array]:
+        """Draws one flow per example from the prior N(0, I).
+
+        Args:
+          query_points: float[B N 2] start points.
+          history: float[B T H W 3] observation frames.
+          text_tokens: float[B Lt Dl] sentence features.
+          text_mask: bool[B Lt], True for real tokens; None = all valid.
+          official_std: use the official evaluation prior N(0, e^2) (parity only).
+
+        Returns:
+          :meth:`decode`'s outputs plus z float[B D].
+        """
+        dims = shapes.check(query_points, "query_points", "B N 2", dtype="float")
+        self._check_context(history, text_tokens, text_mask, dims)
+        img, lang = self.embed_context(history, text_tokens)
+        b = query_points.shape[0]
+        std = latent_std(jnp.zeros((), jnp.float32), official_std)
+        z = std * jax.random.normal(self.make_rng("latent"), (b, self.config.hidden))
+        return {"z": z, **self._decode(query_points, img, lang, text_mask, z)}
