@@ -74,10 +74,12 @@ class Conditions:
       language: float[B D] sentence embedding (added to the timestep embedding).
       flow_kv: one (k, v) pair per block, each float[B N H K]: the flow tokens' keys and values
         in that block's flow attention.
+      flow_tokens: float[B N D] the embedded trajectories (used by ``flow_attention="concat"``).
     """
 
     language: Array
     flow_kv: tuple[tuple[Array, Array], ...]
+    flow_tokens: Array | None = None
 
 
 def _modulate(x: Array, shift: Array, scale: Array) -> Array:
@@ -129,6 +131,7 @@ class DiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
+    flow_attention: str = "shared"
 
     def setup(self) -> None:
         self.self_attn = MultiHeadAttention(self.num_heads, self.hidden, dtype=self.dtype)
@@ -143,8 +146,10 @@ class DiTBlock(nn.Module):
         """(k, v) float[B N H K] of flow tokens float[B N D] for this block's flow attention."""
         return self.cross_attn.keys_values(flow_tokens)
 
-    def __call__(self, x: Array, c: Array, flow_kv: tuple[Array, Array]) -> Array:
-        """Args: x float[B G L D] grouped tokens; c float[B D]; flow_kv float[B N H K] pair.
+    def __call__(self, x: Array, c: Array, flow_kv: tuple[Array, Array],
+                 flow_tokens: Array | None = None) -> Array:
+        """Args: x float[B G L D] grouped tokens; c float[B D]; flow_kv float[B N H K] pair;
+        flow_tokens float[B N D] (only for ``flow_attention="concat"``).
 
         Returns:
           float[B G L D].
@@ -155,9 +160,23 @@ class DiTBlock(nn.Module):
         h = _modulate(self.norm(x), sh_msa, sc_msa).reshape(b * g, n, d)
         x = x + gate_msa[:, None, None] * self.self_attn(h).reshape(b, g, n, d)
         # The official concatenation normalises the video rows but does not modulate them.
-        x = x + self.cross_attn.attend(self.norm(x), flow_kv)
+        if self.flow_attention == "concat":
+            x = x + self._concat_flow_attention(self.norm(x), flow_tokens)
+        else:
+            x = x + self.cross_attn.attend(self.norm(x), flow_kv)
         h = _modulate(self.norm(x), sh_mlp, sc_mlp)
         return x + gate_mlp[:, None, None] * self.mlp(h)
+
+
+    def _concat_flow_attention(self, x: Array, flow_tokens: Array) -> Array:
+        """The official computation: self-attention over [group tokens; all N flow tokens] for
+        every group, keeping the group rows. Same result, G times the flow work; kept as the
+        cost baseline (benchmarks/models.py) and as an independent check."""
+        b, g, n, d = x.shape
+        flow = jnp.broadcast_to(flow_tokens[:, None].astype(x.dtype),
+                                (b, g, flow_tokens.shape[1], d))
+        cat = jnp.concatenate([x, flow], axis=2).reshape(b * g, -1, d)
+        return self.cross_attn(cat)[:, :n].reshape(b, g, n, d)
 
 
 class SentenceEncoder(nn.Module):
@@ -238,6 +257,9 @@ class VideoDiT(nn.Module):
       text_dim, text_layers, text_heads, text_ff: sentence encoder (text_ff default: hidden).
       dtype: compute dtype (parameters stay float32).
       remat: rematerialise each block in the backward pass.
+      flow_attention: ``"shared"`` (flow keys/values once per sample, shared by every group) or
+        ``"concat"`` (the official replication of the flow tokens into every group; same
+        output, kept as the cost baseline).
     """
 
     hidden: int = 384
@@ -256,6 +278,7 @@ class VideoDiT(nn.Module):
     text_ff: int | None = None
     dtype: Dtype = jnp.float32
     remat: bool = False
+    flow_attention: str = "shared"
 
     @property
     def num_frames(self) -> int:
@@ -266,6 +289,9 @@ class VideoDiT(nn.Module):
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
     def setup(self) -> None:
+        if self.flow_attention not in ("shared", "concat"):
+            raise ValueError(f"flow_attention must be 'shared' or 'concat', got "
+                             f"{self.flow_attention!r}")
         if self.depth % 2:
             raise ValueError(f"depth must be even (spatial/temporal pairs), got {self.depth}")
         h, w = self.latent_size
@@ -277,8 +303,8 @@ class VideoDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(self.hidden, dtype=self.dtype)
         self.flow_embedder = FlowEmbedder(self.hidden, dtype=self.dtype)
         block = nn.remat(DiTBlock) if self.remat else DiTBlock
-        self.blocks = [block(self.hidden, self.num_heads, self.mlp_ratio, dtype=self.dtype)
-                       for _ in range(self.depth)]
+        self.blocks = [block(self.hidden, self.num_heads, self.mlp_ratio, dtype=self.dtype,
+                             flow_attention=self.flow_attention) for _ in range(self.depth)]
         self.final_layer = FinalLayer(self.hidden, self.patch, self.out_channels,
                                       dtype=self.dtype)
 
@@ -308,7 +334,7 @@ class VideoDiT(nn.Module):
         language = self.language_encoder(text_tokens.astype(self.dtype), text_mask)
         tokens = self.flow_embedder(flow)
         flow_kv = tuple(blk.flow_keys_values(tokens) for blk in self.blocks)
-        return Conditions(language=language, flow_kv=flow_kv)
+        return Conditions(language=language, flow_kv=flow_kv, flow_tokens=tokens)
 
     def denoise(self, x: Array, t: Array, cond: Conditions,
                 history: Array | None = None) -> Array:
@@ -351,9 +377,10 @@ class VideoDiT(nn.Module):
 
         c_vec = self.t_embedder(t) + cond.language
         for i in range(0, self.depth, 2):
-            tokens = self.blocks[i](tokens, c_vec, cond.flow_kv[i])            # [B T P D]
+            tokens = self.blocks[i](tokens, c_vec, cond.flow_kv[i], cond.flow_tokens)  # B T P D
             tokens = rearrange(tokens, "b t p d -> b p t d")
-            tokens = self.blocks[i + 1](tokens, c_vec, cond.flow_kv[i + 1])    # [B P T D]
+            tokens = self.blocks[i + 1](tokens, c_vec, cond.flow_kv[i + 1],
+                                        cond.flow_tokens)                            # B P T D
             tokens = rearrange(tokens, "b p t d -> b t p d")
         y = self.final_layer(tokens, c_vec)
         y = rearrange(y, "b t (h w) (p q c) -> b t (h p) (w q) c", h=hp, p=self.patch,

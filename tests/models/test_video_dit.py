@@ -165,3 +165,16 @@ def test_bad_shapes_raise(golden):
         m.apply(v, x, i["t"], i["flow"][:, :, :3], text, mask)
     with pytest.raises(ValueError, match="text_mask"):
         m.apply(v, x, i["t"], i["flow"], text, mask[:, :2])
+
+
+def test_official_concat_mode_gives_the_same_output(golden):
+    """flow_attention="concat" (the official replication, the benchmark's cost baseline) is the
+    same function as the shared flow keys/values."""
+    m = golden["module"].clone(flow_attention="concat")
+    y = jax.jit(lambda v, *a: conv.flip_dit_apply(m, v, *a))(golden["variables"],
+                                                           *golden["inputs"].values())
+    assert rel_err(y, golden["z"]["dit/out/y"]) < 1e-4
+    with pytest.raises(ValueError, match="flow_attention"):
+        make_video_dit("tiny", flow_attention="nope").init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 19, 16, 16, 4)), jnp.zeros((1,)),
+            jnp.zeros((1, 2, 16, 2)), jnp.zeros((1, 3, 4096)), jnp.ones((1, 3), bool))
