@@ -106,3 +106,17 @@ def test_data_benchmark_quick_writes_figures(tmp_path):
     assert res["bytes_per_clip"]["ratio_official_issue_over_flipjax"] > 3
     assert res["tracking_accuracy"]["lk"]["median_px_visible"] < 1.0
     assert res["loader"]["numpy_threads2_clips_per_s"] > 0
+
+
+def test_models_benchmark_quick_writes_figures(tmp_path):
+    from benchmarks import models as bench
+
+    out = tmp_path / "models.json"
+    bench.main(["--quick", "--out", str(out)])
+    res = json.loads(out.read_text())
+    dit = res["dit"]["S"]
+    assert dit["shared"]["params"] == 31_267_232 and res["cvae"]["S"]["params"] == 14_939_600
+    assert dit["shared"]["forward_gflop_per_sample"] <= 80
+    assert dit["concat_over_shared_flops"] > 3  # the official replication costs far more
+    assert res["param_counts"]["L"] == {"dit": 399_156_256, "cvae": 72_979_280}
+    assert res["targets_met"]["dit_s_forward_gflop_per_sample"] is True

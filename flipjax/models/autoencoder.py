@@ -244,7 +244,7 @@ class SpatialSelfAttention(nn.Module):
         b, h, w, c = x.shape
         t = GroupNorm(self.groups, self.eps, self.dtype, name="group_norm")(x)
         t = t.reshape(b, h * w, 1, c)  # a single head of width C: scale 1/sqrt(C)
-        proj = lambda name: dense(c, ("embed", "embed"), dtype=self.dtype, name=name)
+        proj = lambda name: dense(c, ("embed", "mlp"), dtype=self.dtype, name=name)
         o = dot_product_attention(proj("to_q")(t), proj("to_k")(t), proj("to_v")(t))
         o = proj("to_out_0")(o).reshape(b, h, w, c)
         return x.astype(self.dtype) + o

@@ -190,8 +190,8 @@ class FlowCVAE(nn.Module):
                         for _ in range(c.encoder_layers)]
         self.decoder = [PostLNEncoderLayer(c.num_heads, d, dtype=dt)
                         for _ in range(c.decoder_layers)]
-        self.z_mu = dense(d, ("embed", "embed"), dtype=dt)
-        self.z_logvar = dense(d, ("embed", "embed"), dtype=dt)
+        self.z_mu = dense(d, ("embed", "mlp"), dtype=dt)
+        self.z_logvar = dense(d, ("embed", "mlp"), dtype=dt)
         self.scale_head = dense(lh, ("embed", None), dtype=dt)
         self.direction_head = dense(2 * lh, ("embed", None), dtype=dt)
 

@@ -28,7 +28,14 @@ default_kernel_init = nn.initializers.xavier_uniform()
 def dense(features: int, axes: tuple[str | None, str | None], *, use_bias: bool = True,
           dtype: Dtype = jnp.float32, kernel_init: Callable = default_kernel_init,
           name: str | None = None) -> nn.Dense:
-    """A Dense layer whose kernel [in out] is annotated with logical ``axes``."""
+    """A Dense layer whose kernel [in out] is annotated with logical ``axes``.
+
+    A square projection names its output ``mlp``, not ``embed`` again: one mesh axis cannot
+    shard two dimensions of the same array.
+    """
+    named = [a for a in axes if a is not None]
+    if len(named) != len(set(named)):
+        raise ValueError(f"logical axes {axes} repeat a name; use e.g. ('embed', 'mlp')")
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
                     kernel_init=nn.with_logical_partitioning(kernel_init, axes),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
@@ -93,7 +100,7 @@ class TimestepEmbedder(nn.Module):
         x = timestep_frequencies(t, self.frequency_dim).astype(self.dtype)
         x = dense(self.hidden, (None, "embed"), kernel_init=init, dtype=self.dtype,
                   name="fc1")(x)
-        return dense(self.hidden, ("embed", "embed"), kernel_init=init, dtype=self.dtype,
+        return dense(self.hidden, ("embed", "mlp"), kernel_init=init, dtype=self.dtype,
                      name="fc2")(nn.silu(x))
 
 

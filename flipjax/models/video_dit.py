@@ -204,7 +204,7 @@ class SentenceEncoder(nn.Module):
         for i in range(self.num_layers):
             x = PostLNEncoderLayer(self.num_heads, self.ff_dim or self.hidden, dtype=self.dtype,
                                    name=f"layers_{i}")(x, mask)
-        return dense(self.hidden, ("embed", "embed"), dtype=self.dtype,
+        return dense(self.hidden, ("embed", "mlp"), dtype=self.dtype,
                      name="output_head")(x[:, 0])
 
 
@@ -220,8 +220,8 @@ class FlowEmbedder(nn.Module):
         x = rearrange(flow, "b n t d -> b n (t d)").astype(self.dtype)
         gelu = functools.partial(nn.gelu, approximate=False)  # torch nn.GELU() default
         x = gelu(dense(self.hidden, (None, "embed"), dtype=self.dtype, name="fc1")(x))
-        x = gelu(dense(self.hidden, ("embed", "embed"), dtype=self.dtype, name="fc2")(x))
-        return dense(self.hidden, ("embed", "embed"), dtype=self.dtype, name="fc3")(x)
+        x = gelu(dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc2")(x))
+        return dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc3")(x)
 
 
 class FinalLayer(nn.Module):

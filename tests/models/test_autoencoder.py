@@ -254,6 +254,6 @@ def test_remat_gives_the_same_gradients(key):
 def test_parameters_carry_logical_axes(key):
     module = AutoencoderKL(tiny_autoencoder())
     p = jax.eval_shape(module.init, key, jnp.zeros((1, 4, 4, 3)))["params"]
-    assert p["encoder"]["mid_block"]["attentions_0"]["to_q"]["kernel"].names == ("embed", "embed")
+    assert p["encoder"]["mid_block"]["attentions_0"]["to_q"]["kernel"].names == ("embed", "mlp")
     assert p["decoder"]["up_blocks_0"]["resnets_0"]["norm1"]["scale"].names == ("embed",)
     assert p["decoder"]["conv_out"]["kernel"].names == (None, None, "embed", None)
