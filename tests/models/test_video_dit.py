@@ -178,3 +178,43 @@ def test_official_concat_mode_gives_the_same_output(golden):
         make_video_dit("tiny", flow_attention="nope").init(
             jax.random.PRNGKey(0), jnp.zeros((1, 19, 16, 16, 4)), jnp.zeros((1,)),
             jnp.zeros((1, 2, 16, 2)), jnp.zeros((1, 3, 4096)), jnp.ones((1, 3), bool))
+
+
+def test_converter_handles_any_consistent_config():
+    """A state dict in the official layout for another config (not the fixture's) loads and
+    lands where it should: made from the converter's own torch-shape rules, random values."""
+    from flax import traverse_util
+
+    from flipjax.models.layers import sincos_1d, sincos_2d
+
+    config = dict(input_size=4, patch_size=2, in_channels=3, hidden_size=48, depth=2,
+                  num_heads=3, learn_sigma=False, flow_horizon=3, obs_history=1,
+                  language_dim=20, language_heads=4)
+    module = conv.module_from_config(config)
+    flat = traverse_util.flatten_dict(conv.abstract_variables(module)["params"], sep="/",
+                                      is_leaf=lambda _, x: isinstance(x, nn.meta.AxisMetadata))
+    rng = np.random.default_rng(0)
+    sd = {}
+    for tk, paths, torch_shape, _ in conv._rules(module):
+        shapes = [tuple(flat[p].unbox().shape if isinstance(flat[p], nn.meta.AxisMetadata)
+                        else flat[p].shape) for p in paths]
+        sd[tk] = rng.normal(0, 0.2, torch_shape(shapes)).astype(np.float32)
+    sd["pos_embed"] = sincos_2d(48, 2, 2)[None]
+    sd["temp_embed"] = sincos_1d(48, np.arange(module.num_frames))[None]
+    m, v = conv.flip_dit_from_torch(sd, config)
+    p = v["params"]
+    np.testing.assert_array_equal(nn.meta.unbox(p["t_embedder"]["fc1"]["kernel"]),
+                                  sd["t_embedder.mlp.0.weight"].T)
+    np.testing.assert_array_equal(nn.meta.unbox(p["x_embedder"]["proj"]["kernel"]),
+                                  sd["x_embedder.proj.weight"].transpose(2, 3, 1, 0))
+    x = rng.normal(size=(1, module.num_frames, 3, 4, 4)).astype(np.float32)
+    flow = rng.normal(size=(1, 5, 3, 2)).astype(np.float32)
+    sentence = rng.normal(size=(1, 2, 20)).astype(np.float32)
+    y = conv.flip_dit_apply(m, v, x, np.array([10]), flow, sentence)
+    assert y.shape == (1, module.num_frames, 3, 4, 4) and np.isfinite(np.asarray(y)).all()
+    y2 = conv.flip_dit_apply(m.clone(flow_attention="concat"), v, x, np.array([10]), flow,
+                             sentence)
+    np.testing.assert_allclose(y, y2, rtol=1e-4, atol=1e-4)
+    bad = dict(sd, temp_embed=sd["temp_embed"][:, :-1])
+    with pytest.raises(ValueError):
+        conv.flip_dit_from_torch(bad, config)
