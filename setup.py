@@ -24,6 +24,7 @@ setup(
         "jax>=0.4.30",
         "flax>=0.8.5",
         "optax>=0.2.2",
+        "orbax-checkpoint>=0.11",
         "numpy>=1.26",
         "einops>=0.7",
         "ml_collections>=0.1.1",
