@@ -1,0 +1,85 @@
+"""Training entry point: one config file per experiment, one trainer module per FLIP module.
+
+    python -m experiments.train --config=experiments/configs/cvae_small.py --workdir=DIR \
+        [--config.total_steps=1000 --config.data_dir=CLIPS ...]
+    python -m experiments.train --config=experiments/configs/cvae_small.py:runlocal \
+        --workdir=/tmp/cvae_local
+
+``config.trainer`` names a module of ``experiments.trainers`` whose
+``train_and_evaluate(config, workdir)`` runs the job; rerunning with the same workdir resumes
+from its latest checkpoint. With ``config.distributed`` (multi-host) the process joins the
+cluster through ``jax.distributed.initialize()`` before anything touches the devices.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+from collections.abc import Callable
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# Modules of experiments.trainers that are libraries rather than trainers.
+_NOT_TRAINERS = ("common", "loop")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with an argument: path.py[:runlocal].",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
+
+
+def available_trainers() -> list[str]:
+    """Names of the modules in ``experiments.trainers`` usable as ``config.trainer``."""
+    from experiments import trainers
+
+    return sorted(m.name for m in pkgutil.iter_modules(trainers.__path__)
+                  if m.name not in _NOT_TRAINERS and not m.name.startswith("_"))
+
+
+def get_trainer(name: str) -> Callable[[Any, str], Any]:
+    """``experiments.trainers.<name>.train_and_evaluate``.
+
+    Raises:
+      ValueError: for an unknown trainer (listing the available ones) or a module without
+        ``train_and_evaluate``.
+    """
+    available = available_trainers()
+    if name not in available:
+        raise ValueError(f"unknown trainer {name!r} (config.trainer); available trainers: "
+                         f"{', '.join(available) or 'none'}")
+    module = importlib.import_module(f"experiments.trainers.{name}")
+    fn = getattr(module, "train_and_evaluate", None)
+    if not callable(fn):
+        raise ValueError(f"experiments.trainers.{name} has no train_and_evaluate(config, "
+                         "workdir)")
+    return fn
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if config is None:
+        raise app.UsageError("--config is required")
+    if not workdir:
+        raise app.UsageError("--workdir is required")
+    # Resolve the trainer first: a typo should fail before minutes of device setup.
+    train_and_evaluate = get_trainer(config.trainer)
+    if config.get("distributed", False):
+        import jax
+
+        jax.distributed.initialize()
+    import jax
+
+    logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    logging.info("config:\n%s", config)
+    train_and_evaluate(config, workdir)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app.run(main)

@@ -1,0 +1,291 @@
+"""Trainer of the FLIP action module (:class:`flipjax.models.flow_cvae.FlowCVAE`).
+
+Data: ``build_clips`` shards in ``config.data_dir`` (evaluation: ``config.eval_data_dir``,
+default the training clips). With ``config.build_toy_data_if_missing`` (on under
+``:runlocal``) a small toy world is rendered and turned into clips there when the directory
+has none; empty data dirs then mean ``<workdir>/toy_data/{train,val}``.
+
+Batch conversion (inside the jitted step, so the host ships uint8):
+
+* ``history`` uint8[B T H W 3] -> float32 in [-1, 1] (x / 127.5 - 1), channels last as
+  FlowCVAE expects. The same array is the image-reconstruction target.
+* ``tracks`` float32[B N L 2] pixels of the prepared frame -> the flow, unnormalised: the
+  official model works in pixels (its ADE threshold of 1 px and the LTDR deltas of 2/4/8 px
+  assume it), so no scaling is applied. The query points are ``tracks[:, :, 0]``.
+* ``text_tokens`` / ``text_mask`` pass through; ``visible`` is not used (the official loss
+  supervises all points, occluded ones included).
+
+Evaluation: ADE and LTDR of one prior sample per clip (z ~ N(0, I), the planner's setting) and
+of the posterior reconstruction (z from the encoder, an upper bound), over
+``config.eval_batches`` unshuffled batches; ``*_moving`` variants average only steps whose
+ground-truth move exceeds 1 px (the official evaluation mask).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from jax.sharding import Mesh
+
+from data_pipelines.loader import ClipDataset, make_loader
+from experiments.trainers import loop
+from flipjax import metrics as flow_metrics
+from flipjax.models.cvae_loss import cvae_loss
+from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
+
+PyTree = Any
+
+
+# ------------------------------------------------------------------------------------------
+# Model and batches
+# ------------------------------------------------------------------------------------------
+
+
+def model_config(config: ml_collections.ConfigDict) -> CVAEConfig:
+    """``CVAEConfig.named(config.model.size, **the other model fields)``, validated."""
+    m = config.model.to_dict()
+    size = m.pop("size")
+    m["img_size"] = tuple(int(s) for s in m["img_size"])
+    cfg = CVAEConfig.named(size, **m)
+    cfg.validate()
+    return cfg
+
+
+def make_model(config: ml_collections.ConfigDict) -> FlowCVAE:
+    """The FlowCVAE of ``config.model``, computing in ``config.compute_dtype``."""
+    dtype = loop.compute_dtype(config)
+    return FlowCVAE(model_config(config), dtype=jnp.float32 if dtype is None else dtype)
+
+
+def convert_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Loader batch -> model inputs (see the module docstring for the conventions).
+
+    Args:
+      batch: history uint8[B T H W 3], tracks float32[B N L 2], text_tokens float32[B Lt D],
+        text_mask bool[B Lt] (other keys are ignored).
+
+    Returns:
+      dict with history float32[B T H W 3] in [-1, 1], flow float32[B N L 2] (pixels),
+      text_tokens and text_mask.
+    """
+    return {
+        "history": batch["history"].astype(jnp.float32) / 127.5 - 1.0,
+        "flow": batch["tracks"].astype(jnp.float32),
+        "text_tokens": batch["text_tokens"].astype(jnp.float32),
+        "text_mask": batch["text_mask"].astype(bool),
+    }
+
+
+def make_loss_fn(model: FlowCVAE) -> Any:
+    """``(params, batch, rng) -> (loss, terms)`` with the official CVAE objective."""
+    def loss_fn(params: PyTree, batch: dict[str, jax.Array],
+                rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        x = convert_batch(batch)
+        out = model.apply({"params": params}, x["flow"], x["history"], x["text_tokens"],
+                          x["text_mask"], rngs={"latent": rng})
+        terms = cvae_loss(out, x["flow"], x["history"], model.config.patch)
+        return terms["loss"], {k: v for k, v in terms.items() if k != "loss"}
+
+    return loss_fn
+
+
+def make_init_fn(model: FlowCVAE, text_tokens: int) -> Any:
+    """``rng -> params`` from dummy inputs of the model's shapes."""
+    c = model.config
+
+    def init_fn(rng: jax.Array) -> PyTree:
+        flow = jnp.zeros((1, 1, c.flow_horizon, 2), jnp.float32)
+        history = jnp.zeros((1, c.history, *c.img_size, 3), jnp.float32)
+        text = jnp.zeros((1, text_tokens, c.language_dim), jnp.float32)
+        mask = jnp.ones((1, text_tokens), bool)
+        params_rng, latent_rng = jax.random.split(rng)
+        return model.init({"params": params_rng, "latent": latent_rng}, flow, history, text,
+                          mask)["params"]
+
+    return init_fn
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+
+
+def data_dirs(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Path, Path]:
+    """(training clips, evaluation clips) directories after applying the defaults."""
+    toy = Path(workdir) / "toy_data"
+    if config.data_dir:
+        train_dir = Path(config.data_dir)
+    elif config.build_toy_data_if_missing:
+        train_dir = toy / "train"
+    else:
+        raise ValueError("config.data_dir is empty: point it at a build_clips output "
+                         "(--config.data_dir=DIR) or set --config.build_toy_data_if_missing")
+    if config.eval_data_dir:
+        eval_dir = Path(config.eval_data_dir)
+    elif config.build_toy_data_if_missing and not config.data_dir:
+        eval_dir = toy / "val"
+    else:
+        eval_dir = train_dir
+    return train_dir, eval_dir
+
+
+def build_toy_clips(config: ml_collections.ConfigDict, split: str, out: Path) -> None:
+    """Renders the toy world's ``split`` and builds clips matching the model into ``out``."""
+    from data_pipelines import toy
+    from data_pipelines.build_clips import BuildOptions, build_clips
+    from data_pipelines.toy_world import ToyConfig
+
+    c = model_config(config)
+    if c.img_size[0] != c.img_size[1]:
+        raise ValueError(f"the toy world renders square images; model img_size is {c.img_size}")
+    episodes = {"train": config.toy_episodes, "val": config.toy_val_episodes}[split]
+    logging.info("building toy %s clips (%d episodes) in %s", split, episodes, out)
+    with tempfile.TemporaryDirectory() as tmp:
+        rlds = toy.build(tmp, {split: episodes}, seed=int(config.seed),
+                         config=ToyConfig(image_size=c.img_size[0]))
+        staging = out.parent / (out.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        build_clips(BuildOptions(
+            rlds_dir=str(rlds), out=str(staging), schema="toy", split=split,
+            size=c.img_size, grid=int(config.toy_grid), horizon=c.flow_horizon,
+            history=c.history, future=0, tracker="ground_truth", text="hash",
+            text_dim=c.language_dim, text_max_tokens=int(config.toy_text_max_tokens),
+            progress=False))
+        # Renamed only when complete, so an interrupted build is redone, never half-read.
+        staging.rename(out)
+
+
+def open_clips(config: ml_collections.ConfigDict, directory: Path, split: str) -> ClipDataset:
+    """Opens (building toy clips first when allowed) and checks a clip directory.
+
+    Raises:
+      ValueError: when the clips do not match the model (horizon, image size, text width).
+    """
+    if not (directory / "manifest.json").exists() and config.build_toy_data_if_missing:
+        build_toy_clips(config, split, directory)
+    c = model_config(config)
+    ds = ClipDataset(directory, history=c.history, future=0)
+    lay = ds.layout
+    problems = []
+    if lay.horizon != c.flow_horizon:
+        problems.append(f"track horizon {lay.horizon} != model.flow_horizon {c.flow_horizon}")
+    if (lay.height, lay.width) != tuple(c.img_size):
+        problems.append(f"frames {lay.height}x{lay.width} != model.img_size {c.img_size}")
+    if ds.text_dim != c.language_dim:
+        problems.append(f"text_dim {ds.text_dim} != model.language_dim {c.language_dim}")
+    if problems:
+        raise ValueError(f"clips in {directory} do not fit the model: " + "; ".join(problems))
+    return ds
+
+
+def _loader(config: ml_collections.ConfigDict, ds: ClipDataset, mesh: Mesh, *,
+            shuffle: bool, augment: bool) -> Any:
+    return make_loader(
+        ds, int(config.batch_size), mesh=mesh, seed=int(config.seed), shuffle=shuffle,
+        num_points=(int(config.num_points) or None) if augment else None,
+        track_noise=float(config.track_noise) if augment else 0.0,
+        worker_count=int(config.data_workers), num_threads=int(config.data_threads))
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------
+
+
+def flow_scores(pred: jax.Array, gt: jax.Array, deltas: tuple[float, ...],
+                prefix: str) -> dict[str, jax.Array]:
+    """ADE / LTDR over all steps and over moving steps, keys prefixed with ``prefix``."""
+    moving = flow_metrics.moving_steps(gt)
+    return {
+        f"{prefix}_ade": flow_metrics.ade(pred, gt),
+        f"{prefix}_ltdr": flow_metrics.less_than_delta_ratio(pred, gt, deltas),
+        f"{prefix}_ade_moving": flow_metrics.ade(pred, gt, moving),
+        f"{prefix}_ltdr_moving": flow_metrics.less_than_delta_ratio(pred, gt, deltas, moving),
+    }
+
+
+def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...]) -> Any:
+    """Jitted ``(params, batch, rng) -> metrics`` of prior samples and posterior
+    reconstructions."""
+    loss_fn = make_loss_fn(model)
+
+    @jax.jit
+    def eval_step(params: PyTree, batch: dict[str, jax.Array],
+                  rng: jax.Array) -> dict[str, jax.Array]:
+        x = convert_batch(batch)
+        prior_rng, post_rng = jax.random.split(rng)
+        prior = model.apply({"params": params}, x["flow"][:, :, 0], x["history"],
+                            x["text_tokens"], x["text_mask"], rngs={"latent": prior_rng},
+                            method=FlowCVAE.sample)
+        loss, _ = loss_fn(params, batch, post_rng)
+        post = model.apply({"params": params}, x["flow"], x["history"], x["text_tokens"],
+                           x["text_mask"], rngs={"latent": post_rng})
+        return {"loss": loss, **flow_scores(prior["flow"], x["flow"], deltas, "prior"),
+                **flow_scores(post["flow"], x["flow"], deltas, "posterior")}
+
+    return eval_step
+
+
+def make_eval_factory(config: ml_collections.ConfigDict, model: FlowCVAE,
+                      ds: ClipDataset) -> Any:
+    """``mesh -> eval_fn(state, step)`` averaging over ``config.eval_batches`` batches, or
+    None when ``eval_batches`` is 0 (no evaluation at all)."""
+    num_batches = int(config.eval_batches)
+    if num_batches < 0:
+        raise ValueError(f"eval_batches must be >= 0 (0 disables evaluation), got {num_batches}")
+    if num_batches == 0:
+        return None
+    eval_step = make_eval_step(model, tuple(float(d) for d in config.ltdr_deltas))
+
+    def factory(mesh: Mesh) -> Any:
+        def eval_fn(state: Any, step: int) -> dict[str, float]:
+            del step  # a fixed key: every evaluation sees the same clips and latents
+            loader = _loader(config, ds, mesh, shuffle=False, augment=False)
+            key = jax.random.key(int(config.seed) + 1)
+            sums: dict[str, float] = {}
+            for i in range(num_batches):
+                m = jax.device_get(eval_step(state.params, next(loader),
+                                             jax.random.fold_in(key, i)))
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            return {k: v / num_batches for k, v in sums.items()}
+
+        return eval_fn
+
+    return factory
+
+
+# ------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """Trains FlowCVAE as configured (resuming ``workdir`` if it has checkpoints).
+
+    Args:
+      config: a ``experiments/configs/cvae_*.py`` config.
+      workdir: run directory.
+
+    Returns:
+      The final TrainState.
+    """
+    model = make_model(config)
+    train_dir, eval_dir = data_dirs(config, workdir)
+    train_ds = open_clips(config, train_dir, "train")
+    eval_ds = train_ds if eval_dir == train_dir else open_clips(config, eval_dir, "val")
+    logging.info("FlowCVAE %s: %d training clips in %s, %d eval clips in %s",
+                 config.model.size, len(train_ds), train_dir, len(eval_ds), eval_dir)
+    return loop.train(
+        config, workdir,
+        init_fn=make_init_fn(model, train_ds.text_tokens),
+        loss_fn=make_loss_fn(model),
+        make_loader=lambda mesh: _loader(config, train_ds, mesh, shuffle=True, augment=True),
+        make_eval=make_eval_factory(config, model, eval_ds))

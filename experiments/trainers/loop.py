@@ -1,0 +1,251 @@
+"""The generic training loop every trainer runs (mesh, resume, logging, checkpoints, eval).
+
+A trainer supplies the model-specific pieces (``init_fn``, ``loss_fn``, a data-loader factory
+and optionally an eval factory) and calls :func:`train`. The loop:
+
+* builds the ``data x fsdp x tensor`` mesh from ``config.mesh`` (-1 fills the devices);
+* creates the sharded state, or resumes the latest checkpoint of ``workdir`` together with
+  the data iterator's position, so an interrupted run continues bit-for-bit;
+* logs every ``log_every`` steps to the console (loss, steps/s, examples/s, ETA) and to
+  ``workdir/metrics.jsonl`` (one JSON object per line; written by process 0 only);
+* checkpoints every ``checkpoint_every`` steps, at the end and on SIGTERM/SIGINT (then
+  returns cleanly);
+* runs the trainer's eval hook every ``eval_every`` steps and at the last step.
+
+Determinism: parameters come from ``config.seed``, the step rng is folded from the state's
+key and step, and the loader is seeded with ``config.seed``, so a run is a function of its
+config.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from experiments.trainers import common
+from flipjax.checkpoints import Checkpointer, handle_preemption
+from flipjax.sharding import create_mesh
+
+PyTree = Any
+EvalFn = Callable[[common.TrainState, int], Mapping[str, float]]
+METRICS_FILE = "metrics.jsonl"
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+class Loader(Protocol):
+    """What the loop needs from a data loader (``data_pipelines.loader.ClipLoader``)."""
+
+    def __next__(self) -> PyTree: ...
+
+    def get_state(self) -> Any: ...
+
+    def set_state(self, state: Any) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+    """``config.compute_dtype`` ("float32" | "bfloat16") as a jnp dtype (None = float32)."""
+    name = config.get("compute_dtype", "float32") or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
+    """The mesh of ``config.mesh`` (data/fsdp/tensor; -1 for data fills the devices).
+
+    Raises:
+      ValueError: when the mesh does not fit the devices or the global batch does not split
+        over the mesh's batch axes.
+    """
+    m = config.mesh
+    mesh = create_mesh(int(m.data), int(m.fsdp), int(m.tensor))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % shards:
+        raise ValueError(f"batch_size {config.batch_size} must divide by the {shards} batch "
+                         f"shards of mesh {dict(mesh.shape)}; set --config.batch_size or "
+                         "--config.mesh.data/fsdp")
+    return mesh
+
+
+def parameter_overview(params: PyTree) -> str:
+    """A short table of parameter counts: the total and one line per top-level module.
+
+    Args:
+      params: the (unboxed) parameter tree, a nested mapping.
+
+    Returns:
+      Multi-line text.
+    """
+    def count(tree: PyTree) -> int:
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+    total = count(params)
+    lines = [f"parameters: {total:,}"]
+    if isinstance(params, Mapping):
+        width = max((len(str(k)) for k in params), default=0)
+        for name in sorted(params):
+            n = count(params[name])
+            lines.append(f"  {name:<{width}}  {n:>12,}  {100 * n / max(total, 1):5.1f}%")
+    return "\n".join(lines)
+
+
+def _host_mean(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+    # One transfer for the whole interval: the loop never blocks on a step in between.
+    fetched = jax.device_get(history)
+    keys = fetched[-1].keys()
+    return {k: float(np.mean([np.asarray(m[k], np.float64) for m in fetched])) for k in keys}
+
+
+def _eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(max(seconds, 0.0))))
+
+
+class MetricsWriter:
+    """Appends ``{"step", "split", **metrics}`` lines to ``workdir/metrics.jsonl`` (process 0).
+
+    A resumed run appends to the same file, so the file may hold a step twice around a
+    preemption (the first copy came before the restored checkpoint).
+    """
+
+    def __init__(self, workdir: str | Path):
+        self.path = Path(workdir) / METRICS_FILE
+        self.enabled = jax.process_index() == 0
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        """Appends one record."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, **{k: float(v) for k, v in
+                                                        metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``workdir/metrics.jsonl`` (empty when absent)."""
+    path = Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
+          init_fn: Callable[[jax.Array], PyTree], loss_fn: common.LossFn,
+          make_loader: Callable[[Mesh], Loader],
+          make_eval: Callable[[Mesh], EvalFn] | None = None) -> common.TrainState:
+    """Trains (or resumes training) to ``config.total_steps``.
+
+    Args:
+      config: a locked config with the ``experiments/configs/common.py`` base fields.
+      workdir: run directory (checkpoints, metrics.jsonl); resumed when it has checkpoints.
+      init_fn: ``rng -> params`` (logically partitioned).
+      loss_fn: ``(params, batch, rng) -> (loss, metrics)``.
+      make_loader: ``mesh -> loader`` yielding global batches sharded over the mesh.
+      make_eval: ``mesh -> eval_fn(state, step) -> metrics``; None disables evaluation.
+
+    Returns:
+      The final state (after a preemption: the state that was saved).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    total = int(config.total_steps)
+    if total < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total}")
+    for name in ("log_every", "checkpoint_every"):
+        if int(config[name]) < 1:
+            raise ValueError(f"{name} must be >= 1, got {config[name]}")
+    mesh = make_mesh(config)
+    logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size,
+                 jax.devices()[0].platform)
+
+    tx = common.make_optimizer(config)
+    ema_decay = config.get("ema_decay")
+    state, shardings = common.create_train_state(
+        init_fn, tx, jax.random.key(int(config.seed)), mesh=mesh, ema_decay=ema_decay)
+    train_step = common.make_train_step(
+        loss_fn, tx, shardings, mesh, learning_rate_fn=common.make_learning_rate_fn(config),
+        ema_decay=ema_decay, compute_dtype=compute_dtype(config))
+    logging.info("%s", parameter_overview(state.params))
+
+    ckpt = Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
+                        save_every=int(config.checkpoint_every),
+                        async_save=bool(config.get("async_checkpointing", True)))
+    loader = make_loader(mesh)
+    start = ckpt.latest_step() or 0
+    if start:
+        # The abstract target keeps the live layout; the fresh state is freed before restore.
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                             sharding=x.sharding), state)
+        del state
+        state, data_state, _ = ckpt.restore(start, target=target)
+        if data_state is None:
+            raise ValueError(f"checkpoint {start} in {workdir} has no data iterator state; "
+                             "cannot resume exactly")
+        loader.set_state(data_state)
+        logging.info("resumed from step %d of %s", start, workdir)
+    if start >= total:
+        logging.info("step %d already reaches total_steps=%d; nothing to train", start, total)
+        ckpt.close()
+        return state
+
+    eval_fn = make_eval(mesh) if make_eval is not None else None
+    eval_every = int(config.get("eval_every", 0) or 0)
+    writer = MetricsWriter(workdir)
+    meta = {"config": config.to_json_best_effort()}
+    log_every = int(config.log_every)
+    history: list[dict[str, jax.Array]] = []
+    t_last, step_last = time.perf_counter(), start
+    step = start
+    with handle_preemption(ckpt):
+        for step in range(start + 1, total + 1):
+            state, metrics = train_step(state, next(loader))
+            history.append(metrics)
+            if step % log_every == 0 or step == total:
+                means = _host_mean(history)
+                history = []
+                now = time.perf_counter()
+                rate = (step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                means.update(steps_per_s=rate, examples_per_s=rate * config.batch_size)
+                logging.info("step %d/%d | loss %.4f | %.2f steps/s | %.1f examples/s | ETA %s",
+                             step, total, means["loss"], rate, rate * config.batch_size,
+                             _eta((total - step) / rate))
+                writer.write(step, "train", means)
+            if eval_fn is not None and ((eval_every and step % eval_every == 0)
+                                        or step == total):
+                t0 = time.perf_counter()
+                results = {k: float(v) for k, v in eval_fn(state, step).items()}
+                logging.info("eval step %d (%.1fs): %s", step, time.perf_counter() - t0,
+                             ", ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
+                writer.write(step, "eval", results)
+                # Evaluation time is not training throughput.
+                t_last += time.perf_counter() - t0
+            ckpt.save(step, state, loader.get_state(), meta=meta)
+            if ckpt.should_stop(step):
+                logging.warning("preempted: saving step %d and stopping", step)
+                break
+        ckpt.save(step, state, loader.get_state(), meta=meta, force=True)
+    ckpt.close()
+    return state
+

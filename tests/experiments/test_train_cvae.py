@@ -1,0 +1,126 @@
+"""The FlowCVAE trainer end to end on toy clips: CLI run, exact resume, configs, dispatch."""
+
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets")
+pytest.importorskip("grain")
+
+from experiments import train as train_cli
+from experiments.configs import cvae_base, cvae_large, cvae_small
+from experiments.trainers import cvae, loop
+from flipjax.checkpoints import Checkpointer, load_params
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# conftest gives 8 CPU devices; the batch must split over the data axis.
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def toy_dirs(tmp_path_factory):
+    """Toy clips built once for every run of this module."""
+    root = tmp_path_factory.mktemp("toy_data")
+    config = cvae_small.get_config("runlocal")
+    for split in ("train", "val"):
+        cvae.build_toy_clips(config, split, root / split)
+    return root / "train", root / "val"
+
+
+def local_config(toy_dirs, total_steps, eval_batches=0):
+    c = cvae_small.get_config("runlocal")
+    c.data_dir, c.eval_data_dir = map(str, toy_dirs)
+    c.total_steps = total_steps
+    c.batch_size = BATCH
+    c.log_every = 1
+    c.checkpoint_every = 100
+    c.eval_every = 0
+    c.eval_batches = eval_batches
+    return c
+
+
+def test_cli_runlocal_writes_checkpoint_and_metrics(toy_dirs, tmp_path):
+    workdir = tmp_path / "run"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run(
+        [sys.executable, "-m", "experiments.train",
+         "--config=experiments/configs/cvae_small.py:runlocal", f"--workdir={workdir}",
+         "--config.total_steps=6", f"--config.batch_size={BATCH}", "--config.log_every=3",
+         f"--config.data_dir={toy_dirs[0]}", f"--config.eval_data_dir={toy_dirs[1]}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step 6/6 | loss" in res.stderr and "examples/s | ETA" in res.stderr
+    assert "parameters:" in res.stderr
+    records = loop.read_metrics(workdir)
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [3, 6]
+    assert all(math.isfinite(r["loss"]) for r in train)
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [6]
+    assert 0.0 <= evals[0]["prior_ltdr"] <= 1.0 and evals[0]["prior_ade"] >= 0.0
+    with Checkpointer(workdir) as ckpt:
+        assert ckpt.latest_step() == 6
+    params = load_params(workdir)
+    assert {"encoder_0", "decoder_0", "cls_token"} <= set(params)
+
+
+def test_resume_is_exact(toy_dirs, tmp_path):
+    straight = cvae.train_and_evaluate(local_config(toy_dirs, 6), str(tmp_path / "a"))
+    cvae.train_and_evaluate(local_config(toy_dirs, 3), str(tmp_path / "b"))
+    resumed = cvae.train_and_evaluate(local_config(toy_dirs, 6), str(tmp_path / "b"))
+    assert int(resumed.step) == 6
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.params),
+                 jax.device_get(resumed.params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.ema),
+                 jax.device_get(resumed.ema))
+    # The checkpoint on disk holds the same parameters.
+    jax.tree.map(np.testing.assert_array_equal, load_params(tmp_path / "b"),
+                 jax.device_get(straight.params))
+    losses_a = {r["step"]: r["loss"] for r in loop.read_metrics(tmp_path / "a")
+                if r["split"] == "train"}
+    losses_b = {r["step"]: r["loss"] for r in loop.read_metrics(tmp_path / "b")
+                if r["split"] == "train"}
+    assert losses_a == losses_b and sorted(losses_a) == [1, 2, 3, 4, 5, 6]
+
+
+def test_unknown_trainer_lists_available():
+    assert "cvae" in train_cli.available_trainers()
+    assert "loop" not in train_cli.available_trainers()
+    with pytest.raises(ValueError, match=r"unknown trainer 'nope'.*cvae"):
+        train_cli.get_trainer("nope")
+    assert train_cli.get_trainer("cvae") is cvae.train_and_evaluate
+
+
+@pytest.mark.parametrize("module,hidden", [(cvae_small, 384), (cvae_base, 768),
+                                           (cvae_large, 768)])
+def test_configs_build_without_data(module, hidden):
+    c = module.get_config()
+    assert c.trainer == "cvae" and not c.runlocal and not c.build_toy_data_if_missing
+    assert c.learning_rate == 1e-4 and c.ema_decay == 0.9999
+    assert cvae.model_config(c).hidden == hidden
+    with pytest.raises(AttributeError):
+        c.not_a_field = 1  # locked
+    local = module.get_config("runlocal")
+    assert local.runlocal and cvae.model_config(local).hidden == 64
+    assert local.total_steps == 50 and local.batch_size == 4
+    with pytest.raises(ValueError, match="runlocal"):
+        module.get_config("fast")
+
+
+def test_empty_data_dir_is_a_clear_error(tmp_path):
+    c = cvae_small.get_config()
+    with pytest.raises(ValueError, match="data_dir"):
+        cvae.data_dirs(c, tmp_path)
+
+
+def test_parameter_overview_counts_modules():
+    params = {"a": {"w": np.zeros((2, 3))}, "b": np.zeros(4)}
+    text = loop.parameter_overview(params)
+    assert text.splitlines()[0] == "parameters: 10"
+    assert "a" in text and "60.0%" in text
