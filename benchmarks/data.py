@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.report import write_result
+
 OFFICIAL_BYTES_PER_FRAME = 366e3  # the figure for the official float32 HDF5 layout
 TARGETS = {"loader_clips_per_s_min": 500.0}
 
@@ -224,12 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["loader"]["numpy_threads2_clips_per_s"]) >= TARGETS["loader_clips_per_s_min"]}
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=2, default=str)
-    os.replace(tmp, args.out)
-    print(f"targets met: {result['targets_met']}\nwrote {args.out}", flush=True)
+    write_result(args.out, result)
     return result
 
 

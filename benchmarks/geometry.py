@@ -24,6 +24,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks.report import write_result
 from flipjax import geometry
 from flipjax.geometry import se3, synthetic
 
@@ -132,12 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seq_per_s_at_1024": (big[0]["seq_per_s"] >= TARGETS["seq_per_s_at_1024_min"]
                               if big else None),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=2, default=str)
-    os.replace(tmp, args.out)
-    print(f"targets met: {result['targets_met']}\nwrote {args.out}", flush=True)
+    write_result(args.out, result)
     return result
 
 

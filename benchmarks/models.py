@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.report import write_result
 from flipjax.models import diffusion
 from flipjax.models.autoencoder import AutoencoderKL, num_parameters, sd_vae_ft_ema
 from flipjax.models.cvae_loss import cvae_loss
@@ -215,12 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     gf = res["dit"]["S"]["shared"]["forward_gflop_per_sample"]
     res["targets_met"] = {"dit_s_forward_gflop_per_sample": gf
                           <= TARGETS["dit_s_forward_gflop_per_sample_max"]}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(res, fh, indent=2, default=str)
-    os.replace(tmp, args.out)
-    print(f"targets met: {res['targets_met']}\nwrote {args.out}", flush=True)
+    write_result(args.out, res)
     return res
 
 
