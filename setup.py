@@ -13,6 +13,9 @@ _DATA = [
     "importlib_resources>=5",
 ]
 _TEXT = ["tokenizers>=0.15", "safetensors>=0.4"]
+# Training: clu metric writers (TensorBoard event files need tensorboard + TensorFlow, which
+# `data` already brings), Pillow for sample images, matplotlib for plots.
+_TRAIN = ["clu>=0.0.11", "tensorboard>=2.15", "matplotlib>=3.7", "pillow>=9", *_DATA]
 
 setup(
     name="flipjax",
@@ -37,7 +40,7 @@ setup(
         "viz": ["matplotlib>=3.7"],
         "data": _DATA,
         "text": _TEXT,
-        "test": ["pytest>=7.4", "hypothesis>=6.90", "ruff>=0.5", "matplotlib>=3.7", "scipy>=1.11",
-                 *_DATA, *_TEXT],
+        "train": _TRAIN,
+        "test": ["pytest>=7.4", "hypothesis>=6.90", "ruff>=0.5", "scipy>=1.11", *_TRAIN, *_TEXT],
     },
 )

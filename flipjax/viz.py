@@ -49,3 +49,40 @@ def draw_tracks(ax: Any, frame: np.ndarray, tracks: np.ndarray, visible: np.ndar
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=7)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Images in [-1, 1] (float) or uint8 -> uint8, clipped.
+
+    Args:
+      images: float[... H W C] in [-1, 1] or uint8[... H W C].
+
+    Returns:
+      uint8 array of the same shape.
+    """
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    return np.clip(np.round((images.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def write_image(path: Any, image: np.ndarray) -> None:
+    """Writes uint8[H W C] (C = 1 or 3) as PNG (Pillow)."""
+    from PIL import Image
+
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] not in (1, 3) or image.dtype != np.uint8:
+        raise ValueError(f"image: expected uint8[H W 1|3], got {image.dtype}{list(image.shape)}")
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def write_video(path: Any, frames: np.ndarray, fps: float = 4.0) -> None:
+    """Writes uint8[T H W 3] as a looping GIF (Pillow)."""
+    from PIL import Image
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames: expected uint8[T H W 3], got {frames.dtype}{list(frames.shape)}")
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], loop=0,
+                   duration=round(1000 / fps))

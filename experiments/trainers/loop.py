@@ -38,7 +38,10 @@ from flipjax.checkpoints import Checkpointer, handle_preemption
 from flipjax.sharding import create_mesh
 
 PyTree = Any
-EvalFn = Callable[[common.TrainState, int], Mapping[str, float]]
+# An eval hook returns scalars (logged) and optionally samples: uint8 arrays [H W 3] (images,
+# written as PNG) or [T H W 3] (videos, written as GIF) under workdir/samples/.
+EvalFn = Callable[[common.TrainState, int], Mapping[str, Any]]
+SAMPLES_DIR = "samples"
 METRICS_FILE = "metrics.jsonl"
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
@@ -135,6 +138,41 @@ class MetricsWriter:
                                                         metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def split_samples(results: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Separates an eval hook's scalars from its sample images/videos (uint8 arrays)."""
+    scalars, samples = {}, {}
+    for k, v in results.items():
+        a = np.asarray(jax.device_get(v))
+        if a.dtype == np.uint8 and a.ndim in (3, 4):
+            samples[k] = a
+        elif a.ndim == 0:
+            scalars[k] = float(a)
+        else:
+            raise ValueError(f"eval result {k!r}: expected a scalar or uint8 image [H W 3] / "
+                             f"video [T H W 3], got {a.dtype}{list(a.shape)}")
+    return scalars, samples
+
+
+def write_samples(workdir: str | Path, step: int, samples: Mapping[str, np.ndarray]) -> list[Path]:
+    """Writes ``samples`` to ``workdir/samples/<name>_<step>.{png,gif}`` (process 0 only).
+
+    Returns:
+      The paths written.
+    """
+    from flipjax import viz
+
+    if jax.process_index() != 0 or not samples:
+        return []
+    out = Path(workdir) / SAMPLES_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, a in samples.items():
+        path = out / f"{name}_{int(step):08d}.{'png' if a.ndim == 3 else 'gif'}"
+        (viz.write_image if a.ndim == 3 else viz.write_video)(path, a)
+        paths.append(path)
+    return paths
 
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
@@ -235,7 +273,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
             if eval_fn is not None and ((eval_every and step % eval_every == 0)
                                         or step == total):
                 t0 = time.perf_counter()
-                results = {k: float(v) for k, v in eval_fn(state, step).items()}
+                results, samples = split_samples(eval_fn(state, step))
+                write_samples(workdir, step, samples)
                 logging.info("eval step %d (%.1fs): %s", step, time.perf_counter() - t0,
                              ", ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
                 writer.write(step, "eval", results)
