@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 # Modules of experiments.trainers that are libraries rather than trainers.
-_NOT_TRAINERS = ("common", "loop")
+_NOT_TRAINERS = ("clips", "common", "loop")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: path.py[:runlocal].",

@@ -53,6 +53,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data_dir = ""
     c.eval_data_dir = ""  # empty: evaluate on the training clips (unshuffled)
+    # Toy data (experiments/trainers/clips.py): rendered and built into data_dir when it has
+    # no clips yet; on under :runlocal, where empty data dirs mean <workdir>/toy_data/*.
+    c.build_toy_data_if_missing = False
+    c.toy_episodes = 8
+    c.toy_val_episodes = 2
+    c.toy_grid = 8
+    c.toy_text_max_tokens = 8
     c.data_workers = 0  # grain worker processes
     c.data_threads = 2
 
@@ -87,6 +94,7 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> None:
     c.warmup_steps = 0
     c.schedule = "constant"
     c.async_checkpointing = False
+    c.build_toy_data_if_missing = True
 
 
 def cvae_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
@@ -121,13 +129,6 @@ def cvae_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     c.eval_batches = 4  # 0 disables evaluation, also at the last step
     c.ltdr_deltas = (2.0, 4.0, 8.0)
 
-    # Toy data: generated and built into data_dir when it has no clips yet.
-    c.build_toy_data_if_missing = False
-    c.toy_episodes = 8
-    c.toy_val_episodes = 2
-    c.toy_grid = 8
-    c.toy_text_max_tokens = 8
-
     if runlocal:
         apply_runlocal(c)
         c.model.size = "tiny"
@@ -136,7 +137,5 @@ def cvae_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
         c.model.img_size = (32, 32)
         c.model.language_dim = 32
         c.eval_batches = 2
-        # Empty data dirs resolve to <workdir>/toy_data/{train,val}.
-        c.build_toy_data_if_missing = True
     c.lock()
     return c

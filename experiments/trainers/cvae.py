@@ -23,8 +23,6 @@ ground-truth move exceeds 1 px (the official evaluation mask).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +32,8 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from data_pipelines.loader import ClipDataset, make_loader
-from experiments.trainers import loop
+from data_pipelines.loader import ClipDataset
+from experiments.trainers import clips, loop
 from flipjax import metrics as flow_metrics
 from flipjax.models.cvae_loss import cvae_loss
 from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
@@ -117,81 +115,21 @@ def make_init_fn(model: FlowCVAE, text_tokens: int) -> Any:
 # ------------------------------------------------------------------------------------------
 
 
-def data_dirs(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[Path, Path]:
-    """(training clips, evaluation clips) directories after applying the defaults."""
-    toy = Path(workdir) / "toy_data"
-    if config.data_dir:
-        train_dir = Path(config.data_dir)
-    elif config.build_toy_data_if_missing:
-        train_dir = toy / "train"
-    else:
-        raise ValueError("config.data_dir is empty: point it at a build_clips output "
-                         "(--config.data_dir=DIR) or set --config.build_toy_data_if_missing")
-    if config.eval_data_dir:
-        eval_dir = Path(config.eval_data_dir)
-    elif config.build_toy_data_if_missing and not config.data_dir:
-        eval_dir = toy / "val"
-    else:
-        eval_dir = train_dir
-    return train_dir, eval_dir
+def clip_spec(config: ml_collections.ConfigDict) -> clips.ClipSpec:
+    """The clips FlowCVAE needs: ``history`` frames, no future, ``flow_horizon``-step tracks."""
+    c = model_config(config)
+    return clips.ClipSpec(image_size=tuple(c.img_size), horizon=c.flow_horizon,
+                          history=c.history, future=0, text_dim=c.language_dim)
 
 
 def build_toy_clips(config: ml_collections.ConfigDict, split: str, out: Path) -> None:
     """Renders the toy world's ``split`` and builds clips matching the model into ``out``."""
-    from data_pipelines import toy
-    from data_pipelines.build_clips import BuildOptions, build_clips
-    from data_pipelines.toy_world import ToyConfig
-
-    c = model_config(config)
-    if c.img_size[0] != c.img_size[1]:
-        raise ValueError(f"the toy world renders square images; model img_size is {c.img_size}")
-    episodes = {"train": config.toy_episodes, "val": config.toy_val_episodes}[split]
-    logging.info("building toy %s clips (%d episodes) in %s", split, episodes, out)
-    with tempfile.TemporaryDirectory() as tmp:
-        rlds = toy.build(tmp, {split: episodes}, seed=int(config.seed),
-                         config=ToyConfig(image_size=c.img_size[0]))
-        staging = out.parent / (out.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        build_clips(BuildOptions(
-            rlds_dir=str(rlds), out=str(staging), schema="toy", split=split,
-            size=c.img_size, grid=int(config.toy_grid), horizon=c.flow_horizon,
-            history=c.history, future=0, tracker="ground_truth", text="hash",
-            text_dim=c.language_dim, text_max_tokens=int(config.toy_text_max_tokens),
-            progress=False))
-        # Renamed only when complete, so an interrupted build is redone, never half-read.
-        staging.rename(out)
-
-
-def open_clips(config: ml_collections.ConfigDict, directory: Path, split: str) -> ClipDataset:
-    """Opens (building toy clips first when allowed) and checks a clip directory.
-
-    Raises:
-      ValueError: when the clips do not match the model (horizon, image size, text width).
-    """
-    if not (directory / "manifest.json").exists() and config.build_toy_data_if_missing:
-        build_toy_clips(config, split, directory)
-    c = model_config(config)
-    ds = ClipDataset(directory, history=c.history, future=0)
-    lay = ds.layout
-    problems = []
-    if lay.horizon != c.flow_horizon:
-        problems.append(f"track horizon {lay.horizon} != model.flow_horizon {c.flow_horizon}")
-    if (lay.height, lay.width) != tuple(c.img_size):
-        problems.append(f"frames {lay.height}x{lay.width} != model.img_size {c.img_size}")
-    if ds.text_dim != c.language_dim:
-        problems.append(f"text_dim {ds.text_dim} != model.language_dim {c.language_dim}")
-    if problems:
-        raise ValueError(f"clips in {directory} do not fit the model: " + "; ".join(problems))
-    return ds
+    clips.build_toy_clips(config, split, out, clip_spec(config))
 
 
 def _loader(config: ml_collections.ConfigDict, ds: ClipDataset, mesh: Mesh, *,
             shuffle: bool, augment: bool) -> Any:
-    return make_loader(
-        ds, int(config.batch_size), mesh=mesh, seed=int(config.seed), shuffle=shuffle,
-        num_points=(int(config.num_points) or None) if augment else None,
-        track_noise=float(config.track_noise) if augment else 0.0,
-        worker_count=int(config.data_workers), num_threads=int(config.data_threads))
+    return clips.clip_loader(config, ds, mesh, shuffle=shuffle, augment=augment)
 
 
 # ------------------------------------------------------------------------------------------
@@ -278,9 +216,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
       The final TrainState.
     """
     model = make_model(config)
-    train_dir, eval_dir = data_dirs(config, workdir)
-    train_ds = open_clips(config, train_dir, "train")
-    eval_ds = train_ds if eval_dir == train_dir else open_clips(config, eval_dir, "val")
+    train_dir, eval_dir = clips.data_dirs(config, workdir)
+    spec = clip_spec(config)
+    train_ds = clips.open_clips(config, train_dir, "train", spec)
+    eval_ds = (train_ds if eval_dir == train_dir
+               else clips.open_clips(config, eval_dir, "val", spec))
     logging.info("FlowCVAE %s: %d training clips in %s, %d eval clips in %s",
                  config.model.size, len(train_ds), train_dir, len(eval_ds), eval_dir)
     return loop.train(

@@ -15,7 +15,7 @@ pytest.importorskip("grain")
 
 from experiments import train as train_cli
 from experiments.configs import cvae_base, cvae_large, cvae_small
-from experiments.trainers import cvae, loop
+from experiments.trainers import clips, cvae, loop
 from flipjax.checkpoints import Checkpointer, load_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -116,7 +116,7 @@ def test_configs_build_without_data(module, hidden):
 def test_empty_data_dir_is_a_clear_error(tmp_path):
     c = cvae_small.get_config()
     with pytest.raises(ValueError, match="data_dir"):
-        cvae.data_dirs(c, tmp_path)
+        clips.data_dirs(c, tmp_path)
 
 
 def test_parameter_overview_counts_modules():
