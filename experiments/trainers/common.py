@@ -119,8 +119,18 @@ def make_learning_rate_fn(config: Mapping[str, Any]) -> Callable[[jax.Array], ja
     return lambda step: schedule(step // k)
 
 
-def make_optimizer(config: Mapping[str, Any]) -> optax.GradientTransformation:
+def param_path(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """A ``jax.tree_util`` key path as plain names, e.g. ``("decoder", "conv_in", "kernel")``."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def make_optimizer(config: Mapping[str, Any],
+                   trainable: Callable[[tuple[str, ...]], bool] | None = None
+                   ) -> optax.GradientTransformation:
     """AdamW with warmup/decay schedule, global-norm clipping and gradient accumulation.
+
+    With ``trainable``, parameters whose path it rejects are frozen: their updates are zero
+    (no weight decay either) and their gradients do not count towards the clipping norm.
 
     Args:
       config: dict/ConfigDict with ``learning_rate``, ``warmup_steps``, ``schedule``
@@ -128,6 +138,8 @@ def make_optimizer(config: Mapping[str, Any]) -> optax.GradientTransformation:
         multiplied by the learning rate as in AdamW; 0 disables), ``b1``, ``b2``, ``eps``,
         ``grad_clip_norm`` (None/0 disables) and ``grad_accum_steps`` (> 1 wraps the
         optimizer in ``optax.MultiSteps``, which averages k micro-batch gradients).
+      trainable: optional predicate on a parameter's path (:func:`param_path`); None trains
+        everything.
 
     Returns:
       The gradient transformation.
@@ -147,6 +159,12 @@ def make_optimizer(config: Mapping[str, Any]) -> optax.GradientTransformation:
                              b2=float(_get(config, "b2", 0.999)),
                              eps=float(_get(config, "eps", 1e-8)), weight_decay=weight_decay))
     tx = optax.chain(*parts) if len(parts) > 1 else parts[0]
+    if trainable is not None:
+        def labels(params: PyTree) -> PyTree:
+            return jax.tree_util.tree_map_with_path(
+                lambda p, _: "train" if trainable(param_path(p)) else "freeze", params)
+
+        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
     k = _accum_steps(config)
     if k > 1:
         # Clipping sits inside MultiSteps so it sees the accumulated (mean) gradient.
@@ -368,5 +386,5 @@ def param_partition_specs(state_shardings: TrainState) -> PyTree:
 
 __all__ = [
     "TrainState", "create_train_state", "ema_update", "make_learning_rate_fn",
-    "make_optimizer", "make_schedule", "make_train_step", "param_partition_specs",
+    "make_optimizer", "make_schedule", "make_train_step", "param_partition_specs", "param_path",
 ]

@@ -140,6 +140,23 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
 
 
+def _load_pretrained(state: common.TrainState, shardings: common.TrainState,
+                     params: PyTree) -> common.TrainState:
+    """Places host ``params`` into the state's layout (params and EMA), checking the tree."""
+    want = jax.tree.structure(state.params)
+    if jax.tree.structure(params) != want:
+        raise ValueError("pretrained parameters do not match the model's parameter tree")
+    for got, ref, path in zip(jax.tree.leaves(params), jax.tree.leaves(state.params),
+                              jax.tree_util.tree_flatten_with_path(state.params)[0], strict=True):
+        if tuple(np.shape(got)) != ref.shape:
+            raise ValueError(f"pretrained parameter {'/'.join(common.param_path(path[0]))}: "
+                             f"shape {tuple(np.shape(got))} != model {ref.shape}")
+    params = jax.tree.map(lambda x, r, s: jax.device_put(np.asarray(x, r.dtype), s), params,
+                          state.params, shardings.params)
+    ema = None if state.ema is None else jax.tree.map(jnp.copy, params)
+    return state.replace(params=params, ema=ema)
+
+
 def split_samples(results: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Separates an eval hook's scalars from its sample images/videos (uint8 arrays)."""
     scalars, samples = {}, {}
@@ -191,7 +208,9 @@ def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
           init_fn: Callable[[jax.Array], PyTree], loss_fn: common.LossFn,
           make_loader: Callable[[Mesh], Loader],
-          make_eval: Callable[[Mesh], EvalFn] | None = None) -> common.TrainState:
+          make_eval: Callable[[Mesh], EvalFn] | None = None,
+          trainable: Callable[[tuple[str, ...]], bool] | None = None,
+          pretrained: Callable[[], PyTree] | None = None) -> common.TrainState:
     """Trains (or resumes training) to ``config.total_steps``.
 
     Args:
@@ -201,6 +220,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
       loss_fn: ``(params, batch, rng) -> (loss, metrics)``.
       make_loader: ``mesh -> loader`` yielding global batches sharded over the mesh.
       make_eval: ``mesh -> eval_fn(state, step) -> metrics``; None disables evaluation.
+      trainable: predicate on parameter paths (``common.param_path``); rejected parameters
+        are frozen (e.g. the encoder when fine-tuning a decoder). None trains everything.
+      pretrained: ``() -> params`` (host arrays, same tree as ``init_fn``'s, unboxed) loaded
+        into a fresh run's params and EMA; ignored when resuming from a checkpoint.
 
     Returns:
       The final state (after a preemption: the state that was saved).
@@ -217,7 +240,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size,
                  jax.devices()[0].platform)
 
-    tx = common.make_optimizer(config)
+    tx = common.make_optimizer(config, trainable)
     ema_decay = config.get("ema_decay")
     state, shardings = common.create_train_state(
         init_fn, tx, jax.random.key(int(config.seed)), mesh=mesh, ema_decay=ema_decay)
@@ -242,6 +265,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
                              "cannot resume exactly")
         loader.set_state(data_state)
         logging.info("resumed from step %d of %s", start, workdir)
+    elif pretrained is not None:
+        state = _load_pretrained(state, shardings, pretrained())
+        logging.info("initialised from pretrained parameters")
     if start >= total:
         logging.info("step %d already reaches total_steps=%d; nothing to train", start, total)
         ckpt.close()
