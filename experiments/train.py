@@ -8,7 +8,10 @@
 ``config.trainer`` names a module of ``experiments.trainers`` whose
 ``train_and_evaluate(config, workdir)`` runs the job; rerunning with the same workdir resumes
 from its latest checkpoint. With ``config.distributed`` (multi-host) the process joins the
-cluster through ``jax.distributed.initialize()`` before anything touches the devices.
+cluster through ``jax.distributed.initialize()`` before anything touches the devices; JAX
+detects SLURM, Open MPI, Kubernetes and Cloud TPU, and elsewhere (e.g. several processes on one
+machine) the environment gives ``JAX_COORDINATOR_ADDRESS`` (host:port), ``JAX_NUM_PROCESSES``
+and ``JAX_PROCESS_ID``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 # Modules of experiments.trainers that are libraries rather than trainers.
-_NOT_TRAINERS = ("clips", "common", "loop")
+_NOT_TRAINERS = ("clips", "common", "logging_utils", "loop")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with an argument: path.py[:runlocal].",
@@ -58,6 +62,41 @@ def get_trainer(name: str) -> Callable[[Any, str], Any]:
     return fn
 
 
+def distributed_args(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """``jax.distributed.initialize`` arguments from the environment.
+
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (integers) are passed when set; JAX itself
+    reads ``JAX_COORDINATOR_ADDRESS`` and auto-detects whatever is left on known clusters.
+
+    Raises:
+      ValueError: for a variable that is not an integer.
+    """
+    environ = os.environ if environ is None else environ
+    args = {}
+    for name, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        value = environ.get(name)
+        if value:
+            try:
+                args[key] = int(value)
+            except ValueError:
+                raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    return args
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a readable error for an unknown ``--config.<field>``."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        # ml_collections raises these (not a flags error) for overrides of absent fields.
+        detail: Any = e
+        while isinstance(detail, BaseException) and detail.args:
+            detail = detail.args[0]  # the KeyError inside, then its ("'name'\nDid you mean...")
+        overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+        sys.exit(f"FATAL Flags parsing error: the config has no field {detail}\n"
+                 f"Check the --config.<field> overrides ({overrides}) against the config file.")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -71,7 +110,7 @@ def main(argv: list[str]) -> None:
     if config.get("distributed", False):
         import jax
 
-        jax.distributed.initialize()
+        jax.distributed.initialize(**distributed_args())
     import jax
 
     logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
@@ -82,4 +121,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

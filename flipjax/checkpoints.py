@@ -5,6 +5,8 @@ Layout: ``<workdir>/checkpoints/<step>/{state,data,meta}``.
 * ``state``: any pytree of jax/numpy arrays and Python scalars (params, optax state, EMA
   params, step, PRNG keys), written with orbax's standard (PyTree) handler.
 * ``data``: the input pipeline's iterator state (e.g. grain's ``iterator.get_state()``), JSON.
+  In a multi-process job every process reads its own data shard, so the states of all
+  processes are gathered and stored together; each process restores its own.
 * ``meta``: JSON with the step, the wall time and whatever the caller adds (the config).
 
 PRNG keys: new-style typed keys (``jax.random.key``) round-trip as they are with orbax 0.12;
@@ -86,9 +88,34 @@ def _encode_data_state(data_state: Any) -> dict:
     return {"kind": "json", "value": data_state}
 
 
+def _gather_process_states(encoded: dict) -> list[dict]:
+    """Every process's encoded data state, in process order.
+
+    A collective: every process must call it (they all save the same steps).
+    """
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(encoded).encode(), np.uint8)
+    # process_allgather needs equal shapes: gather the lengths, then the padded bytes.
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).ravel()
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths, strict=True)]
+
+
 def _decode_data_state(stored: Mapping[str, Any] | None) -> Any:
     if stored is None or stored.get("kind") == "none":
         return None
+    if stored["kind"] == "per_process":
+        states = stored["value"]
+        if len(states) == jax.process_count():
+            return _decode_data_state(states[jax.process_index()])
+        if all(s == states[0] for s in states):
+            return _decode_data_state(states[0])
+        raise ValueError(f"the checkpoint holds the data iterator states of {len(states)} "
+                         f"processes, this job has {jax.process_count()}; the data position "
+                         "cannot be resumed with another process count")
     if stored["kind"] == "bytes":
         return base64.b64decode(stored["value"])
     return stored["value"]
@@ -176,8 +203,8 @@ class Checkpointer:
         Args:
           step: training step; the directory name.
           state: pytree of arrays/scalars (params, opt_state, ema, step, rng).
-          data_state: the data iterator state: a JSON-serialisable dict (or grain's bytes),
-            or None.
+          data_state: this process's data iterator state: a JSON-serialisable dict (or
+            grain's bytes), or None.
           meta: extra JSON metadata (e.g. the config); ``step`` and ``wall_time`` are added.
             Values JSON cannot represent are stored as their ``str``.
           force: ignore ``save_every`` (e.g. on preemption or at the last step).
@@ -194,6 +221,9 @@ class Checkpointer:
         if not self.should_save(step, force):
             return False
         data = _encode_data_state(data_state)
+        if jax.process_count() > 1:
+            # Orbax writes JSON items from the primary process only.
+            data = {"kind": "per_process", "value": _gather_process_states(data)}
         # Serialising here rather than in orbax's background thread makes bad metadata fail
         # at the call site instead of asynchronously.
         meta_json = json.loads(json.dumps(
@@ -244,8 +274,8 @@ class Checkpointer:
             local device. Without a target, containers come back as dicts/lists.
 
         Returns:
-          ``(state, data_state, meta)``; state leaves are jax arrays (Python scalars stay
-          scalars when restoring without a target).
+          ``(state, data_state, meta)``; ``data_state`` is this process's; state leaves are
+          jax arrays (Python scalars stay scalars when restoring without a target).
 
         Raises:
           FileNotFoundError: when the run has no checkpoint.

@@ -50,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.eval_every = 5_000  # 0 disables periodic evaluation (the last step is still evaluated)
     c.async_checkpointing = True
+    # jax.profiler trace of steps [profile_start_step, profile_start_step + profile_steps)
+    # into <workdir>/profile (process 0); 0 disables. Start after compilation (step > 1).
+    c.profile_start_step = 0
+    c.profile_steps = 5
 
     c.data_dir = ""
     c.eval_data_dir = ""  # empty: evaluate on the training clips (unshuffled)

@@ -6,11 +6,18 @@ and optionally an eval factory) and calls :func:`train`. The loop:
 * builds the ``data x fsdp x tensor`` mesh from ``config.mesh`` (-1 fills the devices);
 * creates the sharded state, or resumes the latest checkpoint of ``workdir`` together with
   the data iterator's position, so an interrupted run continues bit-for-bit;
-* logs every ``log_every`` steps to the console (loss, steps/s, examples/s, ETA) and to
-  ``workdir/metrics.jsonl`` (one JSON object per line; written by process 0 only);
+* logs every ``log_every`` steps through clu metric writers
+  (:mod:`experiments.trainers.logging_utils`): a console line (loss, steps/s, examples/s,
+  ETA), ``workdir/metrics.jsonl`` (one JSON object per line) and TensorBoard event files in
+  ``workdir/tensorboard`` (both process 0 only), with the peak host memory
+  (``host_peak_rss_mb``) and, where the backend reports it, the peak device memory
+  (``device_peak_memory_mb``);
 * checkpoints every ``checkpoint_every`` steps, at the end and on SIGTERM/SIGINT (then
   returns cleanly);
-* runs the trainer's eval hook every ``eval_every`` steps and at the last step.
+* runs the trainer's eval hook every ``eval_every`` steps and at the last step; its sample
+  images/videos go to ``workdir/samples`` and to TensorBoard;
+* traces steps ``profile_start_step .. profile_start_step + profile_steps - 1`` with
+  ``jax.profiler`` into ``workdir/profile`` when ``profile_start_step > 0`` (process 0).
 
 Determinism: parameters come from ``config.seed``, the step rng is folded from the state's
 key and step, and the loader is seeded with ``config.seed``, so a run is a function of its
@@ -19,7 +26,6 @@ config.
 
 from __future__ import annotations
 
-import datetime
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -43,6 +49,7 @@ PyTree = Any
 EvalFn = Callable[[common.TrainState, int], Mapping[str, Any]]
 SAMPLES_DIR = "samples"
 METRICS_FILE = "metrics.jsonl"
+PROFILE_DIR = "profile"
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
@@ -115,29 +122,64 @@ def _host_mean(history: list[dict[str, jax.Array]]) -> dict[str, float]:
     return {k: float(np.mean([np.asarray(m[k], np.float64) for m in fetched])) for k in keys}
 
 
-def _eta(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=round(max(seconds, 0.0))))
+class ProfileWindow:
+    """Traces a window of training steps with ``jax.profiler`` (process 0 only).
 
-
-class MetricsWriter:
-    """Appends ``{"step", "split", **metrics}`` lines to ``workdir/metrics.jsonl`` (process 0).
-
-    A resumed run appends to the same file, so the file may hold a step twice around a
-    preemption (the first copy came before the restored checkpoint).
+    Steps ``start .. start + steps - 1`` (1-based, as the loop counts them) are traced into
+    ``logdir``; the trace stops after the last traced step's state is ready, so the trace
+    holds that step's device work. ``start = 0`` disables it. A resumed run that starts past
+    ``start`` traces nothing.
     """
 
-    def __init__(self, workdir: str | Path):
-        self.path = Path(workdir) / METRICS_FILE
-        self.enabled = jax.process_index() == 0
+    def __init__(self, start: int, steps: int, logdir: str | Path):
+        if start < 0:
+            raise ValueError(f"profile_start_step must be >= 0 (0 disables), got {start}")
+        if start and steps < 1:
+            raise ValueError(f"profile_steps must be >= 1, got {steps}")
+        self.start, self.stop_step = int(start), int(start) + int(steps) - 1
+        self.logdir = Path(logdir)
+        self.enabled = bool(start) and jax.process_index() == 0
+        self.active = False
 
-    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-        """Appends one record."""
-        if not self.enabled:
-            return
-        record = {"step": int(step), "split": split, **{k: float(v) for k, v in
-                                                        metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, workdir: str | Path
+                    ) -> ProfileWindow:
+        """The window of ``config.profile_start_step`` / ``profile_steps`` (default 5)."""
+        steps = config.get("profile_steps", 5)
+        return cls(int(config.get("profile_start_step", 0) or 0),
+                   5 if steps is None else int(steps), Path(workdir) / PROFILE_DIR)
+
+    def before_step(self, step: int) -> None:
+        """Starts the trace when ``step`` opens the window."""
+        if self.enabled and step == self.start:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.logdir))
+            self.active = True
+            logging.info("profiling steps %d-%d into %s", self.start, self.stop_step,
+                         self.logdir)
+
+    def after_step(self, step: int, outputs: PyTree) -> None:
+        """Stops the trace after the window's last step, once ``outputs`` are computed."""
+        if self.active and step >= self.stop_step:
+            jax.block_until_ready(outputs)
+            self.close()
+
+    def close(self) -> None:
+        """Stops a running trace (a run that ends or is preempted inside the window)."""
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.info("profile written to %s", self.logdir)
+
+
+def _memory_metrics() -> dict[str, float]:
+    from experiments.trainers import logging_utils
+
+    out = {"host_peak_rss_mb": logging_utils.host_peak_rss_mb()}
+    device = logging_utils.device_peak_memory_mb()
+    if device is not None:
+        out["device_peak_memory_mb"] = device
+    return out
 
 
 def _load_pretrained(state: common.TrainState, shardings: common.TrainState,
@@ -228,6 +270,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     Returns:
       The final state (after a preemption: the state that was saved).
     """
+    # Imported here, not at module level, so that importing a trainer (configs, model
+    # builders) stays light: clu brings TensorFlow for the event files. A missing `train`
+    # extra still fails before any work.
+    from experiments.trainers import logging_utils
+
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     total = int(config.total_steps)
@@ -275,42 +322,56 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
 
     eval_fn = make_eval(mesh) if make_eval is not None else None
     eval_every = int(config.get("eval_every", 0) or 0)
-    writer = MetricsWriter(workdir)
+    profile = ProfileWindow.from_config(config, workdir)
+    writer = logging_utils.create_writer(workdir, total, metrics_file=METRICS_FILE)
+    if not start:
+        writer.write_hparams(logging_utils.flatten_hparams(config))
     meta = {"config": config.to_json_best_effort()}
     log_every = int(config.log_every)
     history: list[dict[str, jax.Array]] = []
     t_last, step_last = time.perf_counter(), start
+    waited = 0.0  # seconds blocked on the loader since the last log line
     step = start
-    with handle_preemption(ckpt):
-        for step in range(start + 1, total + 1):
-            state, metrics = train_step(state, next(loader))
-            history.append(metrics)
-            if step % log_every == 0 or step == total:
-                means = _host_mean(history)
-                history = []
-                now = time.perf_counter()
-                rate = (step - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last = now, step
-                means.update(steps_per_s=rate, examples_per_s=rate * config.batch_size)
-                logging.info("step %d/%d | loss %.4f | %.2f steps/s | %.1f examples/s | ETA %s",
-                             step, total, means["loss"], rate, rate * config.batch_size,
-                             _eta((total - step) / rate))
-                writer.write(step, "train", means)
-            if eval_fn is not None and ((eval_every and step % eval_every == 0)
-                                        or step == total):
-                t0 = time.perf_counter()
-                results, samples = split_samples(eval_fn(state, step))
-                write_samples(workdir, step, samples)
-                logging.info("eval step %d (%.1fs): %s", step, time.perf_counter() - t0,
-                             ", ".join(f"{k} {v:.4f}" for k, v in sorted(results.items())))
-                writer.write(step, "eval", results)
-                # Evaluation time is not training throughput.
-                t_last += time.perf_counter() - t0
-            ckpt.save(step, state, loader.get_state(), meta=meta)
-            if ckpt.should_stop(step):
-                logging.warning("preempted: saving step %d and stopping", step)
-                break
-        ckpt.save(step, state, loader.get_state(), meta=meta, force=True)
+    try:
+        with handle_preemption(ckpt):
+            for step in range(start + 1, total + 1):
+                profile.before_step(step)
+                # Dispatch is asynchronous, so the host only blocks here when the loader is
+                # slower than the device: this is the time the step waited for input.
+                t_in = time.perf_counter()
+                batch = next(loader)
+                waited += time.perf_counter() - t_in
+                state, metrics = train_step(state, batch)
+                profile.after_step(step, (state, metrics))
+                history.append(metrics)
+                if step % log_every == 0 or step == total:
+                    means = _host_mean(history)
+                    history = []
+                    now = time.perf_counter()
+                    rate = (step - step_last) / max(now - t_last, 1e-9)
+                    wait_fraction = min(waited / max(now - t_last, 1e-9), 1.0)
+                    t_last, step_last, waited = now, step, 0.0
+                    means.update(steps_per_s=rate, examples_per_s=rate * config.batch_size,
+                                 input_wait_fraction=wait_fraction,
+                                 **_memory_metrics())
+                    writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+                if eval_fn is not None and ((eval_every and step % eval_every == 0)
+                                            or step == total):
+                    t0 = time.perf_counter()
+                    results, samples = split_samples(eval_fn(state, step))
+                    write_samples(workdir, step, samples)
+                    logging_utils.write_sample_images(writer, step, samples)
+                    results["eval_seconds"] = time.perf_counter() - t0
+                    writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+                    # Evaluation time is not training throughput.
+                    t_last += time.perf_counter() - t0
+                ckpt.save(step, state, loader.get_state(), meta=meta)
+                if ckpt.should_stop(step):
+                    logging.warning("preempted: saving step %d and stopping", step)
+                    break
+            ckpt.save(step, state, loader.get_state(), meta=meta, force=True)
+    finally:
+        profile.close()
+        writer.close()
     ckpt.close()
     return state
-
