@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,26 @@ class ClipDataset:
                 raise ValueError(f"text table in {self.directory} is unreadable: {e}") from e
         return self._text
 
+    def index_table(self) -> np.ndarray:
+        """Per-clip bookkeeping of the whole dataset, without reading frames or tracks.
+
+        Returns:
+          int64[R 5], one row per clip in global clip order, columns
+          ``records.INDEX_FIELDS``: episode_id, frame_index, episode_length, episode_start
+          (the *global* clip index of the episode's frame 0, so ``ds[start + k]`` is its
+          frame k) and text_id (the row of the dataset's merged text table, equal for clips
+          with the same instruction).
+        """
+        tables = []
+        for shard, ix in enumerate(self._index):
+            t = np.array(ix, np.int64).reshape(-1, len(records.INDEX_FIELDS))
+            t[:, 3] += self._offsets[shard]
+            t[:, 4] = self._text_ids[shard][t[:, 4]]
+            tables.append(t)
+        if not tables:
+            return np.zeros((0, len(records.INDEX_FIELDS)), np.int64)
+        return np.concatenate(tables)
+
     def locate(self, i: int) -> tuple[int, int]:
         """Global clip index -> (shard, record index in the shard)."""
         n = len(self)
@@ -193,9 +214,10 @@ class Augment:
 class ClipLoader:
     """Iterator of batches from ``make_loader``; its state can be checkpointed and restored.
 
-    Each ``next()`` returns a dict with the ClipDataset keys and a leading batch axis B (the
-    global batch). With a mesh, every value is a global ``jax.Array`` sharded over the mesh's
-    batch axes (``data`` x ``fsdp``); without one, numpy arrays of this process's share.
+    Each ``next()`` returns a dict with the ClipDataset keys (from ``make_batch_loader``: the
+    source's item keys) and a leading batch axis B (the global batch). With a mesh, every
+    value is a global ``jax.Array`` sharded over the mesh's batch axes (``data`` x ``fsdp``);
+    without one, numpy arrays of this process's share.
     """
 
     def __init__(self, iter_dataset: Any, sharding: Any, steps_per_epoch: int):
@@ -262,10 +284,64 @@ def make_loader(
     Returns:
       ClipLoader.
     """
-    import grain
-
     if not isinstance(dataset, ClipDataset):
         dataset = ClipDataset(dataset)
+    augment = None
+    if num_points is not None or track_noise > 0:
+        augment = Augment(num_points, track_noise)
+    return make_batch_loader(
+        dataset, global_batch_size, mesh=mesh, seed=seed, shuffle=shuffle,
+        num_epochs=num_epochs, random_map=augment, process_index=process_index,
+        process_count=process_count, worker_count=worker_count, num_threads=num_threads,
+        prefetch=prefetch, drop_remainder=drop_remainder, what="clips")
+
+
+def make_batch_loader(
+    source: Sequence[Any],
+    global_batch_size: int,
+    *,
+    mesh: Any = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    random_map: Callable[[Any, np.random.Generator], Any] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+    num_threads: int = 2,
+    prefetch: int = 4,
+    drop_remainder: bool = True,
+    what: str = "items",
+) -> ClipLoader:
+    """The machinery of :func:`make_loader` for any random-access source of items.
+
+    Items are dicts of arrays (or anything ``random_map`` turns into one). The pipeline is
+    the same as for clips: equal disjoint per-process slices, seeded per-epoch shuffling,
+    repetition, an optional seeded per-item random transform, batching, prefetching and
+    checkpointable iterator state.
+
+    Args:
+      source: ``len`` and ``__getitem__`` (a ClipDataset, a list of episode ids, ...);
+        pickleable when ``worker_count > 0``.
+      global_batch_size: batch size over all processes (divisible by their number).
+      mesh: deliver global jax.Arrays sharded over the mesh's batch axes; None gives numpy.
+      seed: shuffling seed; ``random_map`` draws from ``seed + 1``.
+      shuffle: reshuffle every epoch.
+      num_epochs: None repeats forever.
+      random_map: ``(item, np.random.Generator) -> item``, seeded per item and epoch so a
+        restored iterator repeats the same draws.
+      process_index, process_count: this process's share (default: jax's).
+      worker_count: grain worker processes (0 reads in this process with threads).
+      num_threads: reader threads per process.
+      prefetch: batches to prefetch.
+      drop_remainder: drop the last partial batch of a finite run.
+      what: what the items are called in error messages.
+
+    Returns:
+      ClipLoader.
+    """
+    import grain
+
     if process_index is None or process_count is None:
         import jax
 
@@ -276,18 +352,18 @@ def make_loader(
         raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
                          f"{process_count} processes")
     local_batch = global_batch_size // process_count
-    per_process = len(dataset) // process_count
+    per_process = len(source) // process_count
     if per_process < local_batch:
-        raise ValueError(f"{len(dataset)} clips give {per_process} per process, fewer than the "
+        raise ValueError(f"{len(source)} {what} give {per_process} per process, fewer than the "
                          f"local batch {local_batch}")
-    ds = grain.MapDataset.source(dataset)
-    # Equal, disjoint slices: process p reads clips p, p + P, p + 2P, ...
+    ds = grain.MapDataset.source(source)
+    # Equal, disjoint slices: process p reads items p, p + P, p + 2P, ...
     ds = ds[:per_process * process_count][process_index::process_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
-    if num_points is not None or track_noise > 0:
-        ds = ds.random_map(Augment(num_points, track_noise), seed=seed + 1)
+    if random_map is not None:
+        ds = ds.random_map(random_map, seed=seed + 1)
     ds = ds.batch(local_batch, drop_remainder=drop_remainder)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=prefetch))

@@ -1,0 +1,85 @@
+"""The value-module (LIV-style) training config shared by ``value_clip.py`` and ``value_liv.py``.
+
+Recipe (LIV, Ma et al. 2023, ``cfgs/config_liv.yaml`` and ``cfgs/training/*.yaml``): lr 1e-5,
+weight decay 1e-3, gamma 0.98, batch 64 and 10k steps as LIV fine-tunes, with LIV's
+*pretraining* loss weights (image-goal VIP, language-goal VIP and InfoNCE all 1, three shuffled
+VIP negatives) because there are no pretrained weights to fine-tune from: flipjax has no
+OpenAI CLIP / LIV weight converter yet, so these configs train from random initialisation
+(from scratch, expect to need far more steps or a higher learning rate than LIV's fine-tuning).
+LIV uses Adam with L2 weight decay; the shared optimizer here is AdamW (decoupled), and LIV
+keeps no EMA while this recipe evaluates an EMA (0.999) of the parameters.
+
+``:runlocal`` is the tiny value model at the shared toy settings (32x32 frames, hash text of
+width 32, 8 tokens), 32 px input with 8 px patches so clips are used at their own size, 50
+steps of batch 4 at lr 1e-3 (a tiny model from scratch; 1e-5 would not move in 50 steps).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs.common import apply_runlocal, base_config, parse_arg
+from flipjax.models.value import get_value_config
+
+
+def value_config(name: str, arg: str | None, *, clip_len: int) -> ml_collections.ConfigDict:
+    """A locked value-model training config.
+
+    Args:
+      name: ``flipjax.models.value.VALUE_CONFIGS`` entry ("clip-b16", "liv-b16"); runlocal
+        always uses "tiny".
+      arg: the config-file argument: None or "runlocal".
+      clip_len: frames per state (FLIP: 4; LIV: 1).
+
+    Returns:
+      The locked config.
+    """
+    runlocal = parse_arg(arg)
+    c = base_config()
+    c.trainer = "value"
+    v = get_value_config(name)
+
+    # Model: get_value_config(name, **the other fields except language_dim).
+    c.model = ml_collections.ConfigDict(dict(
+        name=name, image_size=v.image_size, patch=v.patch, clip_len=clip_len,
+        temporal_fusion=v.temporal_fusion, text_pool=v.text_pool, gamma=v.gamma,
+        # Must equal the clips' text_dim: 384 = MiniLM (build_clips --text=minilm).
+        language_dim=384,
+    ))
+    # Weights of flipjax.models.value_loss.liv_loss (gamma comes from the model).
+    c.loss = ml_collections.ConfigDict(dict(
+        vip_image=1.0, vip_text=1.0, infonce=1.0, temperature=1.0, num_negatives=3))
+
+    c.learning_rate = 1e-5
+    c.weight_decay = 1e-3
+    c.batch_size = 64
+    c.total_steps = 10_000
+    c.log_every = 50
+    c.checkpoint_every = 1_000
+    c.eval_every = 1_000
+    c.ema_decay = 0.999
+
+    c.min_episode_length = 2  # shorter episodes have no consecutive pair
+    c.eval_episodes = 16  # held-out episodes whose value curves are scored; 0 disables eval
+    c.eval_stride = 1  # frames between the states of an evaluated value curve
+    # Toy clips built when build_toy_data_if_missing: frame side and track horizon.
+    c.toy_image_size = 128
+    c.toy_horizon = 16
+
+    if runlocal:
+        apply_runlocal(c)
+        tiny = get_value_config("tiny")
+        c.model.name = "tiny"
+        c.model.image_size = 32
+        c.model.patch = 8
+        c.model.temporal_fusion = tiny.temporal_fusion
+        c.model.text_pool = tiny.text_pool
+        c.model.language_dim = 32
+        c.learning_rate = 1e-3
+        # Tracks the weights within ~10 steps, so the 50-step eval shows what was learnt.
+        c.ema_decay = 0.9
+        c.eval_episodes = 2
+        c.toy_image_size = 32
+        c.toy_horizon = 4
+    c.lock()
+    return c

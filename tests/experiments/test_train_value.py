@@ -1,0 +1,177 @@
+"""The value-module trainer end to end on toy clips: runlocal runs, exact resume, configs, errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets")
+pytest.importorskip("grain")
+
+from PIL import Image
+
+from experiments import train as train_cli
+from experiments.configs import value_clip, value_liv
+from experiments.trainers import clips, loop, value
+from flipjax.checkpoints import Checkpointer, load_params
+from flipjax.models.value import ValueConfig
+
+# conftest gives 8 CPU devices; the batch must split over the data axis.
+BATCH = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module, restored afterwards.
+
+    Runs of one config compile identical programs (the resume test trains value_clip three
+    times); from the cache the repeats cost seconds instead of a recompilation each.
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                               "jax_persistent_cache_min_compile_time_secs")}
+    cc.reset_cache()
+    cc.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    cc.reset_cache()
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+@pytest.fixture(scope="module")
+def toy_dirs(tmp_path_factory):
+    """Toy clips at the shared :runlocal settings, built once for every run of this module."""
+    root = tmp_path_factory.mktemp("toy_data")
+    config = value_clip.get_config("runlocal")
+    for split in ("train", "val"):
+        value.open_episodes(config, root / split, split)
+    return root / "train", root / "val"
+
+
+def local_config(module, toy_dirs, total_steps, eval_episodes=0):
+    c = module.get_config("runlocal")
+    c.data_dir, c.eval_data_dir = map(str, toy_dirs)
+    c.total_steps = total_steps
+    c.batch_size = BATCH
+    c.log_every = 1
+    c.checkpoint_every = 100
+    c.eval_every = 0
+    c.eval_episodes = eval_episodes
+    return c
+
+
+def check_run(workdir, config, steps, eval_step):
+    """A finished run: finite losses each step, eval scores and plot, checkpoint, params."""
+    records = loop.read_metrics(workdir)
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, steps + 1))
+    for r in train:
+        assert all(math.isfinite(r[k]) for k in ("loss", "vip_image", "vip_text", "infonce"))
+    (ev,) = [r for r in records if r["split"] == "eval"]
+    assert ev["step"] == eval_step
+    assert 0.0 <= ev["monotonicity"] <= 1.0 and -1.0 <= ev["spearman"] <= 1.0
+    assert 0.0 <= ev["image_monotonicity"] <= 1.0 and -1.0 <= ev["image_spearman"] <= 1.0
+    bound = 1.0 / (1.0 - config.model.gamma)
+    assert abs(ev["value_first"]) <= bound + 1e-4 and abs(ev["value_last"]) <= bound + 1e-4
+    image = np.asarray(Image.open(workdir / "samples" / f"value_curves_{eval_step:08d}.png"))
+    assert image.shape == (320, 480, 3) and image.std() > 0
+    with Checkpointer(workdir) as ckpt:
+        assert ckpt.latest_step() == steps
+    assert {"vision", "text", "image_proj", "text_proj"} <= set(load_params(workdir))
+
+
+def test_liv_runlocal_two_steps(toy_dirs, tmp_path):
+    config = local_config(value_liv, toy_dirs, 2, eval_episodes=2)
+    config.eval_stride = 3  # fewer states per curve: a faster eval, same code path
+    state = value.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 2 and int(state.skipped) == 0
+    assert value.model_config(config).clip_len == 1
+    check_run(tmp_path, config, 2, 2)
+
+
+def test_clip_runlocal_runs_and_resumes_exactly(toy_dirs, tmp_path):
+    # The uninterrupted run doubles as value_clip's :runlocal check (eval at its last step).
+    config = local_config(value_clip, toy_dirs, 6, eval_episodes=2)
+    config.eval_stride = 3
+    straight = value.train_and_evaluate(config, str(tmp_path / "a"))
+    assert value.model_config(config).clip_len == 4
+    check_run(tmp_path / "a", config, 6, 6)
+    value.train_and_evaluate(local_config(value_clip, toy_dirs, 3), str(tmp_path / "b"))
+    resumed = value.train_and_evaluate(local_config(value_clip, toy_dirs, 6),
+                                       str(tmp_path / "b"))
+    assert int(resumed.step) == 6
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.params),
+                 jax.device_get(resumed.params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.ema),
+                 jax.device_get(resumed.ema))
+    losses = [{r["step"]: r["loss"] for r in loop.read_metrics(tmp_path / d)
+               if r["split"] == "train"} for d in ("a", "b")]
+    assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3, 4, 5, 6]
+
+
+def test_text_width_mismatch_is_a_clear_error(toy_dirs, tmp_path):
+    config = local_config(value_clip, toy_dirs, 1)
+    config.model.language_dim = 64
+    with pytest.raises(ValueError, match=r"text_dim 32 != the model's language width 64"):
+        value.train_and_evaluate(config, str(tmp_path))
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    config = value_clip.get_config()
+    with pytest.raises(ValueError, match="data_dir"):
+        clips.data_dirs(config, tmp_path)
+    config.data_dir = str(tmp_path / "nope")
+    with pytest.raises(ValueError, match="does not exist"):
+        value.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_configs_build_without_data():
+    full = value_clip.get_config()
+    assert full.trainer == "value" and not full.runlocal and not full.build_toy_data_if_missing
+    assert full.learning_rate == 1e-5
+    cfg = value.model_config(full)
+    assert (cfg.image_size, cfg.patch, cfg.vision_width, cfg.clip_len) == (224, 16, 768, 4)
+    assert value.model_config(value_liv.get_config()).clip_len == 1
+    with pytest.raises(AttributeError):
+        full.not_a_field = 1  # locked
+    for module, clip_len in ((value_clip, 4), (value_liv, 1)):
+        local = module.get_config("runlocal")
+        cfg = value.model_config(local)
+        assert local.runlocal and local.total_steps == 50 and local.batch_size == 4
+        assert (cfg.image_size, cfg.patch, cfg.vision_width, cfg.clip_len) == (32, 8, 32,
+                                                                               clip_len)
+        assert (local.model.language_dim, local.toy_image_size, local.toy_horizon,
+                local.toy_grid, local.toy_text_max_tokens) == (32, 32, 4, 8, 8)
+        with pytest.raises(ValueError, match="runlocal"):
+            module.get_config("fast")
+    assert isinstance(cfg, ValueConfig)
+    assert "value" in train_cli.available_trainers()
+    assert train_cli.get_trainer("value") is value.train_and_evaluate
+
+
+def test_prepare_frames_crops_and_resizes():
+    # 4x6 frames: a 4x4 centre square of 255 between black side columns.
+    frames = np.zeros((2, 4, 6, 3), np.uint8)
+    frames[:, :, 1:5] = 255
+    out = value.prepare_frames(jnp.asarray(frames), 4)
+    np.testing.assert_allclose(out, np.ones((2, 4, 4, 3)))
+    ramp = np.broadcast_to(np.arange(0, 256, 8, dtype=np.uint8)[None, :, None], (32, 32, 3))
+    small = np.asarray(value.prepare_frames(jnp.asarray(ramp), 16))
+    assert small.shape == (16, 16, 3)
+    # Antialiased 2x downsampling of a linear ramp averages pixel pairs.
+    want = (np.arange(0, 256, 8, dtype=np.float32).reshape(16, 2).mean(1) / 127.5 - 1.0)
+    np.testing.assert_allclose(small[5, 1:-1, 0], want[1:-1], atol=1e-5)
+    with pytest.raises(ValueError, match="frames"):
+        value.prepare_frames(jnp.zeros((4, 4)), 4)
+
+
+def test_value_curve_image_draws_the_curves():
+    image = value.value_curve_image([np.linspace(-1, 1, 5), np.zeros(3)],
+                                    [np.arange(5), np.arange(0, 6, 2)], "t", size=(200, 300))
+    assert image.shape == (200, 300, 3) and image.dtype == np.uint8
+    # Not a blank canvas: the lines are coloured.
+    assert (np.ptp(image.astype(int), axis=-1) > 60).sum() > 50
