@@ -3,6 +3,9 @@
 Both compare predicted and ground-truth trajectories float[B N L 2] (pixels) on steps
 1..L-1 (step 0 is the shared query point). The official evaluation keeps only the steps where
 the ground truth moves more than 1 px (:func:`moving_steps`); pass that as ``valid``.
+
+Image metrics (:func:`psnr`, :func:`ssim`) compare frames [... H W C] per image, in uint8 or
+in flipjax's float [-1, 1] convention.
 """
 
 from __future__ import annotations
@@ -111,3 +114,103 @@ def value_curve_monotonicity(values: Array, *, atol: float = 0.0) -> tuple[Array
     denom = jnp.sqrt(jnp.sum(rv**2, axis=1) * jnp.sum(rt**2))
     rho = jnp.where(denom > 0, jnp.sum(rv * rt, axis=1) / jnp.where(denom > 0, denom, 1.0), 0.0)
     return frac, rho
+
+
+# ------------------------------------------------------------------------------------------
+# Images (frame codec, dynamics module)
+# ------------------------------------------------------------------------------------------
+
+
+def _image_pair(pred: Array, target: Array, max_value: float | None,
+                min_size: int = 1) -> tuple[Array, Array, float]:
+    """Checks two image stacks and returns them as float32 with the peak-to-peak range."""
+    pred, target = shapes.as_array(pred, "pred"), shapes.as_array(target, "target")
+    if pred.ndim < 3:
+        raise ValueError(f"pred: expected images [... H W C], got shape {list(pred.shape)}")
+    if tuple(pred.shape) != tuple(target.shape):
+        raise ValueError(f"pred and target shapes differ: {list(pred.shape)} vs "
+                         f"{list(target.shape)}")
+    if min(pred.shape[-3:-1]) < min_size:
+        raise ValueError(f"images [... H W C] must be at least {min_size}x{min_size}, got "
+                         f"shape {list(pred.shape)}")
+    ints = [jnp.issubdtype(x.dtype, jnp.integer) for x in (pred, target)]
+    if ints[0] != ints[1] and max_value is None:
+        # uint8 against [-1, 1] floats would compare different scales without an error.
+        raise ValueError(f"pred ({pred.dtype}) and target ({target.dtype}) mix integer and "
+                         "float pixels; convert one or pass max_value")
+    if max_value is None:
+        max_value = 255.0 if ints[0] else 2.0
+    if max_value <= 0:
+        raise ValueError(f"max_value must be > 0, got {max_value}")
+    return (jnp.asarray(pred, jnp.float32), jnp.asarray(target, jnp.float32),
+            float(max_value))
+
+
+def psnr(pred: Array, target: Array, max_value: float | None = None) -> Array:
+    """Peak signal-to-noise ratio per image, in dB.
+
+    ``10 log10(max_value^2 / MSE)`` with the MSE over each image's H, W and C. Float
+    predictions are not clipped here: clip them to the valid range first (as a rendered
+    frame would be).
+
+    Args:
+      pred: [... H W C] images, uint8 (or any integer type) or float in [-1, 1].
+      target: same shape as ``pred``.
+      max_value: the peak-to-peak range of the pixel scale; None: 255 for integer images and
+        2.0 for float images (flipjax's [-1, 1] convention; use 1.0 for [0, 1] images).
+
+    Returns:
+      float32[...] one PSNR per image (+inf where the images are identical); average over
+      the leading axes yourself.
+    """
+    p, t, peak = _image_pair(pred, target, max_value)
+    mse = jnp.mean(jnp.square(p - t), axis=(-3, -2, -1))
+    return 10.0 * jnp.log10(peak**2 / mse)
+
+
+def _gaussian_filter_matrix(size: int, window: int, sigma: float) -> Array:
+    """float32[size-window+1 size]: row i holds the normalised Gaussian at i..i+window-1,
+    so a matrix product is a 'valid' 1-D Gaussian filter."""
+    k = jnp.arange(window, dtype=jnp.float32) - (window - 1) / 2
+    g = jnp.exp(-0.5 * jnp.square(k / sigma))
+    g = g / jnp.sum(g)
+    out = size - window + 1
+    cols = jnp.arange(size)[None, :] - jnp.arange(out)[:, None]
+    return jnp.where((cols >= 0) & (cols < window), g[jnp.clip(cols, 0, window - 1)], 0.0)
+
+
+def ssim(pred: Array, target: Array, max_value: float | None = None, *, window: int = 11,
+         sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> Array:
+    """Structural similarity (Wang et al. 2004) per image, averaged over channels.
+
+    Local statistics come from a ``window`` x ``window`` Gaussian (std ``sigma``) over the
+    positions where the window fits entirely (no padding), with population (co)variances:
+    the definition ``tf.image.ssim`` uses.
+
+    Args:
+      pred: [... H W C] images, uint8 (or any integer type) or float in [-1, 1]; H, W >=
+        ``window``.
+      target: same shape as ``pred``.
+      max_value: the peak-to-peak range (as in :func:`psnr`).
+      window: Gaussian window side in pixels.
+      sigma: Gaussian standard deviation in pixels.
+      k1, k2: the stabilising constants, C1 = (k1 max_value)^2, C2 = (k2 max_value)^2.
+
+    Returns:
+      float32[...] mean SSIM per image, at most 1 (1 for identical images).
+    """
+    p, t, peak = _image_pair(pred, target, max_value, min_size=window)
+    gh = _gaussian_filter_matrix(p.shape[-3], window, sigma)
+    gw = _gaussian_filter_matrix(p.shape[-2], window, sigma)
+
+    def blur(x: Array) -> Array:
+        return jnp.einsum("ih,jw,...hwc->...ijc", gh, gw, x)
+
+    c1, c2 = (k1 * peak) ** 2, (k2 * peak) ** 2
+    mu_p, mu_t = blur(p), blur(t)
+    var_p = blur(p * p) - mu_p**2
+    var_t = blur(t * t) - mu_t**2
+    cov = blur(p * t) - mu_p * mu_t
+    luminance = (2 * mu_p * mu_t + c1) / (mu_p**2 + mu_t**2 + c1)
+    structure = (2 * cov + c2) / (var_p + var_t + c2)
+    return jnp.mean(luminance * structure, axis=(-3, -2, -1))

@@ -189,7 +189,9 @@ def ema_update(ema: PyTree, params: PyTree, decay: float | jax.Array) -> PyTree:
       The updated average.
     """
     def mix(e, p):
-        return (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype)
+        # e + (1 - decay)(p - e) rather than decay e + (1 - decay) p: the same average, but
+        # exactly e when p == e, so frozen parameters keep a bitwise-constant EMA.
+        return (e + (1.0 - decay) * (p.astype(e.dtype) - e)).astype(e.dtype)
 
     return jax.tree.map(mix, ema, params)
 

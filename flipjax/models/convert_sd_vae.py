@@ -158,7 +158,9 @@ def sd_vae_to_diffusers(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
         w = np.asarray(value, dtype=np.float32)
         if path[-1] == "kernel":
             w = w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T
-        out[_diffusers_name(path)] = w
+        # Contiguous copies: safetensors writes an array's raw buffer, so a transposed view
+        # would be saved untransposed.
+        out[_diffusers_name(path)] = np.ascontiguousarray(w)
     return out
 
 
