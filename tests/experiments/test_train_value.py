@@ -22,26 +22,6 @@ from flipjax.models.value import ValueConfig
 BATCH = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module, restored afterwards.
-
-    Runs of one config compile identical programs (the resume test trains value_clip three
-    times); from the cache the repeats cost seconds instead of a recompilation each.
-    """
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
-                                               "jax_persistent_cache_min_compile_time_secs")}
-    cc.reset_cache()
-    cc.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    cc.reset_cache()
-    for k, v in old.items():
-        jax.config.update(k, v)
-
-
 @pytest.fixture(scope="module")
 def toy_dirs(tmp_path_factory):
     """Toy clips at the shared :runlocal settings, built once for every run of this module."""
