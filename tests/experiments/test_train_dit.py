@@ -1,0 +1,180 @@
+"""The VideoDiT trainer end to end on toy clips: a short run with eval and samples, exact
+resume, configs, codec/clip mismatches, and training on a saved autoencoder's latents."""
+
+import dataclasses
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets")
+pytest.importorskip("grain")
+
+from experiments.configs import dit_base, dit_large, dit_small
+from experiments.trainers import dit, loop
+from flipjax import codec as codec_lib
+from flipjax.checkpoints import Checkpointer, load_params
+from flipjax.models.autoencoder import AutoencoderKL, sd_vae_ft_ema, tiny_autoencoder
+
+# conftest gives 8 CPU devices; the batch must split over the data axis.
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def toy_dirs(tmp_path_factory):
+    """Toy clips built once for every run of this module."""
+    root = tmp_path_factory.mktemp("toy_data")
+    config = dit_small.get_config("runlocal")
+    for split in ("train", "val"):
+        dit.build_toy_clips(config, split, root / split)
+    return root / "train", root / "val"
+
+
+def local_config(toy_dirs, total_steps, eval_batches=0):
+    c = dit_small.get_config("runlocal")
+    c.data_dir, c.eval_data_dir = map(str, toy_dirs)
+    c.total_steps = total_steps
+    c.batch_size = BATCH
+    c.log_every = 1
+    c.checkpoint_every = 100
+    c.eval_every = 0
+    c.eval_batches = eval_batches
+    c.eval_sample_steps = 2
+    c.model.text_layers = 1  # compile time dominates these runs
+    return c
+
+
+def read_gif(path):
+    from PIL import Image
+
+    frames = []
+    with Image.open(path) as im:
+        for i in range(getattr(im, "n_frames", 1)):
+            im.seek(i)
+            frames.append(np.asarray(im.convert("RGB")))
+    return np.stack(frames)
+
+
+def test_two_steps_checkpoint_eval_and_sample(toy_dirs, tmp_path):
+    workdir = tmp_path / "run"
+    state = dit.train_and_evaluate(local_config(toy_dirs, 2, eval_batches=1), str(workdir))
+    assert int(state.step) == 2 and int(state.skipped) == 0
+    with Checkpointer(workdir) as ckpt:
+        assert ckpt.latest_step() == 2
+    params = load_params(workdir)
+    assert {"blocks_0", "language_encoder", "flow_embedder", "x_embedder"} <= set(params)
+    # Pixel latents of 32x32 frames, factor 4: 48 channels in, 96 out (learned sigma).
+    assert params["final_layer"]["linear"]["kernel"].shape[-1] == 96
+    records = loop.read_metrics(workdir)
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in train)
+    # The model starts at eps = 0 (zero-initialised output layer): MSE near E[noise^2] = 1.
+    assert 0.5 < train[0]["mse"] < 1.5
+    (ev,) = [r for r in records if r["split"] == "eval"]
+    assert ev["step"] == 2
+    for key in ("latent_l2", "psnr", "codec_psnr", "loss", "mse", "vb"):
+        assert math.isfinite(ev[key]), key
+    assert ev["latent_l2"] > 0 and 0 < ev["psnr"] < dit.PSNR_CAP
+    assert ev["codec_psnr"] == dit.PSNR_CAP  # the pixel codec reconstructs exactly
+    video = read_gif(workdir / loop.SAMPLES_DIR / "video_00000002.gif")
+    # Ground truth | prediction side by side; identical consecutive frames may be merged.
+    assert video.shape[1:] == (32, 64, 3) and 1 <= video.shape[0] <= 5
+
+
+def test_resume_is_exact(toy_dirs, tmp_path):
+    straight = dit.train_and_evaluate(local_config(toy_dirs, 6), str(tmp_path / "a"))
+    dit.train_and_evaluate(local_config(toy_dirs, 3), str(tmp_path / "b"))
+    resumed = dit.train_and_evaluate(local_config(toy_dirs, 6), str(tmp_path / "b"))
+    assert int(resumed.step) == 6
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.params),
+                 jax.device_get(resumed.params))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.ema),
+                 jax.device_get(resumed.ema))
+    losses = [{r["step"]: r["loss"] for r in loop.read_metrics(tmp_path / run)
+               if r["split"] == "train"} for run in ("a", "b")]
+    assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("module,size,hidden", [(dit_small, "S", 384), (dit_base, "B", 768),
+                                                (dit_large, "L", 1024)])
+def test_configs_build_with_the_recipe(module, size, hidden):
+    c = module.get_config()
+    assert c.trainer == "dit" and c.model.size == size and not c.runlocal
+    assert (c.learning_rate, c.weight_decay, c.ema_decay, c.schedule) == \
+        (1e-4, 0.0, 0.9999, "constant")
+    assert (c.model.history, c.model.flow_horizon, tuple(c.image_size)) == (4, 16, (128, 128))
+    assert (c.model.patch, c.model.learn_sigma, c.diffusion_steps) == (2, True, 1000)
+    assert (c.codec.kind, c.codec.scale, c.model.text_dim) == ("autoencoder", 0.18215, 384)
+    assert not c.codec.workdir and not c.codec.diffusers_dir
+    with pytest.raises(ValueError, match="exactly one of"):
+        dit.make_codec(c)  # the codec source must be given on the command line
+    # The SD-VAE layout: 128x128 frames -> 16x16x4 latents, 19-frame clips.
+    sd_like = codec_lib.LatentCodec("autoencoder", 8, 4, 0.18215,
+                                    autoencoder=sd_vae_ft_ema())
+    model = dit.make_model(c, sd_like)
+    assert model.hidden == hidden and model.latent_size == (16, 16) and model.num_frames == 19
+    with pytest.raises(AttributeError):
+        c.not_a_field = 1  # locked
+    local = module.get_config("runlocal")
+    assert local.runlocal and local.total_steps == 50 and local.batch_size == 4
+    assert dit.codec_kind(local) == "pixels"
+    codec = dit.make_codec(local)
+    assert (codec.factor, codec.channels) == (4, 48)
+    local_model = dit.make_model(local, codec)
+    assert local_model.hidden == 64 and local_model.latent_size == (8, 8)
+    assert local_model.num_frames == 5 and dit.clip_spec(local).future == 3
+    with pytest.raises(ValueError, match="runlocal"):
+        module.get_config("fast")
+
+
+def test_codec_clip_mismatch_is_a_clear_error(toy_dirs, tmp_path):
+    c = local_config(toy_dirs, 1)
+    c.codec.factor = 5
+    with pytest.raises(ValueError, match=r"frames 32x32 do not fit the pixels codec"):
+        dit.train_and_evaluate(c, str(tmp_path / "a"))
+    c = local_config(toy_dirs, 1)
+    c.codec.factor = 16
+    c.model.patch = 4
+    with pytest.raises(ValueError, match=r"2x2 latents, which do not split into the DiT's 4x4"):
+        dit.train_and_evaluate(c, str(tmp_path / "b"))
+    c = local_config(toy_dirs, 1)
+    c.image_size = (64, 64)  # the codec fits, the clips (32x32) do not
+    with pytest.raises(ValueError, match=r"frames 32x32 != the model's image size \(64, 64\)"):
+        dit.train_and_evaluate(c, str(tmp_path / "c"))
+    c = local_config(toy_dirs, 1)
+    c.codec.workdir = str(tmp_path / "no_run")
+    with pytest.raises(ValueError, match=r"no_run has no autoencoder_config\.json"):
+        dit.train_and_evaluate(c, str(tmp_path / "d"))
+    assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+def test_trains_on_a_saved_autoencoder_checkpoint(toy_dirs, tmp_path):
+    # 48 latent channels: the DiT then has the pixel-codec runs' shapes, so its compiled
+    # train step comes from the cache and only the encoder is new.
+    cfg = tiny_autoencoder(block_out_channels=(32, 32, 32), layers_per_block=1,
+                           latent_channels=48)
+    params = nn.meta.unbox(AutoencoderKL(cfg).init(jax.random.key(3),
+                                                   jnp.zeros((1, 32, 32, 3)))["params"])
+    ae_dir = tmp_path / "autoencoder"
+    with Checkpointer(ae_dir, async_save=False) as ckpt:
+        ckpt.save(5, {"params": params, "ema": params, "step": 5})
+    (ae_dir / codec_lib.AUTOENCODER_CONFIG_FILE).write_text(
+        json.dumps(dataclasses.asdict(cfg), default=lambda o: jnp.dtype(o).name))
+    c = local_config(toy_dirs, 2)
+    c.codec.workdir = str(ae_dir)  # kind "auto" -> autoencoder
+    workdir = tmp_path / "dit"
+    state = dit.train_and_evaluate(c, str(workdir))
+    assert int(state.step) == 2
+    assert state.params["final_layer"]["linear"]["kernel"].shape[-1] == 96
+    train = [r for r in loop.read_metrics(workdir) if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in train)
+    # The batches are the autoencoder's latents of the clips.
+    codec = dit.make_codec(c)
+    assert codec.kind == "autoencoder" and codec.latent_shape((32, 32)) == (8, 8, 48)
+    assert codec.scale == pytest.approx(0.18215)
