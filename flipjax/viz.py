@@ -51,6 +51,76 @@ def draw_tracks(ax: Any, frame: np.ndarray, tracks: np.ndarray, visible: np.ndar
         ax.set_title(title, fontsize=7)
 
 
+def new_figure(size: tuple[int, int], dpi: int = 100) -> Any:
+    """A matplotlib Figure of ``size`` = (H, W) pixels on its own Agg canvas.
+
+    No pyplot: the process-wide backend and figure registry are left alone, so this is safe
+    in training processes and notebooks alike.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[1] / dpi, size[0] / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_image(fig: Any, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Renders a :func:`new_figure` figure to uint8[H W 3] (checked against ``size``)."""
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    if size is not None and image.shape[:2] != tuple(size):
+        raise RuntimeError(f"figure rendered at {image.shape[:2]}, not {tuple(size)}")
+    return image
+
+
+def value_curve_image(curves: list[np.ndarray], ends: list[np.ndarray], title: str,
+                      size: tuple[int, int] = (320, 480)) -> np.ndarray:
+    """Plots value curves into an image.
+
+    Args:
+      curves: per episode, float[S] values.
+      ends: per episode, int[S] the frames the states end on (x axis).
+      title: the plot title.
+      size: (H, W) of the image in pixels.
+
+    Returns:
+      uint8[H W 3].
+    """
+    fig = new_figure(size)
+    ax = fig.add_subplot()
+    for i, (v, x) in enumerate(zip(curves, ends, strict=True)):
+        ax.plot(np.asarray(x), np.asarray(v), lw=1.2, label=f"episode {i}")
+    ax.set_xlabel("frame")
+    ax.set_ylabel("V(clip; instruction)")
+    ax.set_title(title, fontsize=9)
+    if len(curves) <= 8:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return figure_image(fig, size)
+
+
+def flow_panels_image(frame: np.ndarray, panels: dict[str, np.ndarray],
+                      panel_size: int = 240) -> np.ndarray:
+    """Side-by-side panels of point tracks drawn over the same frame (e.g. truth vs sample).
+
+    Args:
+      frame: uint8[H W 3] (or float in [-1, 1]) the frame the tracks start on.
+      panels: title -> float[N L 2] pixel tracks.
+      panel_size: pixel side of each panel.
+
+    Returns:
+      uint8[panel_size len(panels)*panel_size 3].
+    """
+    frame = to_uint8(frame)
+    size = (panel_size, panel_size * len(panels))
+    fig = new_figure(size)
+    for i, (title, tracks) in enumerate(panels.items()):
+        ax = fig.add_axes((i / len(panels), 0.0, 1 / len(panels), 0.9))
+        draw_tracks(ax, frame, tracks, title=title)
+    return figure_image(fig, size)
+
+
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Images in [-1, 1] (float) or uint8 -> uint8, clipped.
 

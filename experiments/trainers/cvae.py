@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
@@ -150,8 +151,8 @@ def flow_scores(pred: jax.Array, gt: jax.Array, deltas: tuple[float, ...],
 
 
 def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...]) -> Any:
-    """Jitted ``(params, batch, rng) -> metrics`` of prior samples and posterior
-    reconstructions."""
+    """Jitted ``(params, batch, rng) -> (metrics, prior flows float[B N L 2])`` of prior
+    samples and posterior reconstructions."""
     loss_fn = make_loss_fn(model)
 
     @jax.jit
@@ -165,10 +166,31 @@ def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...]) -> Any:
         loss, _ = loss_fn(params, batch, post_rng)
         post = model.apply({"params": params}, x["flow"], x["history"], x["text_tokens"],
                            x["text_mask"], rngs={"latent": post_rng})
-        return {"loss": loss, **flow_scores(prior["flow"], x["flow"], deltas, "prior"),
-                **flow_scores(post["flow"], x["flow"], deltas, "posterior")}
+        metrics = {"loss": loss, **flow_scores(prior["flow"], x["flow"], deltas, "prior"),
+                   **flow_scores(post["flow"], x["flow"], deltas, "posterior")}
+        return metrics, prior["flow"]
 
     return eval_step
+
+
+def flow_sample_image(batch: dict[str, jax.Array], flows: jax.Array) -> Any:
+    """The first clip's ground-truth and sampled flows over its current frame.
+
+    Args:
+      batch: a loader batch (history uint8[B T H W 3], tracks float32[B N L 2]).
+      flows: float[B N L 2] prior samples for the batch.
+
+    Returns:
+      uint8[240 480 3] (truth | sample).
+    """
+    from flipjax import viz
+
+    # Addressable data only: on a multi-host mesh process 0 draws one of its own clips.
+    def first(x: jax.Array) -> np.ndarray:
+        return np.asarray(x.addressable_shards[0].data[0])
+
+    return viz.flow_panels_image(first(batch["history"])[-1], {
+        "ground truth": first(batch["tracks"]), "prior sample": first(flows)})
 
 
 def make_eval_factory(config: ml_collections.ConfigDict, model: FlowCVAE,
@@ -189,11 +211,13 @@ def make_eval_factory(config: ml_collections.ConfigDict, model: FlowCVAE,
             key = jax.random.key(int(config.seed) + 1)
             sums: dict[str, float] = {}
             for i in range(num_batches):
-                m = jax.device_get(eval_step(state.params, next(loader),
-                                             jax.random.fold_in(key, i)))
-                for k, v in m.items():
+                batch = next(loader)
+                m, flows = eval_step(state.params, batch, jax.random.fold_in(key, i))
+                for k, v in jax.device_get(m).items():
                     sums[k] = sums.get(k, 0.0) + float(v)
-            return {k: v / num_batches for k, v in sums.items()}
+                if i == 0:
+                    sample = flow_sample_image(batch, flows)
+            return {**{k: v / num_batches for k, v in sums.items()}, "flows": sample}
 
         return eval_fn
 

@@ -50,6 +50,7 @@ from data_pipelines.episodes import VipSampler, make_episode_loader
 from data_pipelines.loader import ClipDataset
 from experiments.trainers import clips, loop
 from flipjax import metrics as value_metrics
+from flipjax import viz
 from flipjax.models.value import ValueConfig, ValueModel, get_value_config
 from flipjax.models.value_loss import LivLossWeights, liv_loss, value_from_embeddings
 from flipjax.sharding import batch_sharding, replicated
@@ -214,42 +215,6 @@ def _loader(config: ml_collections.ConfigDict, ds: ClipDataset, mesh: Mesh) -> A
 # ------------------------------------------------------------------------------------------
 
 
-def value_curve_image(curves: list[np.ndarray], ends: list[np.ndarray], title: str,
-                      size: tuple[int, int] = (320, 480)) -> np.ndarray:
-    """Plots value curves into an image.
-
-    Args:
-      curves: per episode, float[S] values.
-      ends: per episode, int[S] the frames the states end on (x axis).
-      title: the plot title.
-      size: (H, W) of the image in pixels.
-
-    Returns:
-      uint8[H W 3].
-    """
-    # An explicit Agg canvas: no pyplot, so the process-wide backend is left alone.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    dpi = 100
-    fig = Figure(figsize=(size[1] / dpi, size[0] / dpi), dpi=dpi)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for i, (v, x) in enumerate(zip(curves, ends, strict=True)):
-        ax.plot(np.asarray(x), np.asarray(v), lw=1.2, label=f"episode {i}")
-    ax.set_xlabel("frame")
-    ax.set_ylabel("V(clip; instruction)")
-    ax.set_title(title, fontsize=9)
-    if len(curves) <= 8:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    canvas.draw()
-    image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
-    if image.shape[:2] != tuple(size):
-        raise RuntimeError(f"plot rendered at {image.shape[:2]}, not {size}")
-    return image
-
-
 def _global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     # Every process holds the whole array (all read the same episodes), so each device
     # takes its slice directly; also right on multi-host meshes.
@@ -315,7 +280,7 @@ def make_eval_factory(config: ml_collections.ConfigDict, model: ValueModel,
                 lang_curves.append(lang)
                 ends_all.append(ends)
             results: dict[str, Any] = {k: float(np.mean(v)) for k, v in scores.items()}
-            results["value_curves"] = value_curve_image(
+            results["value_curves"] = viz.value_curve_image(
                 lang_curves, ends_all, f"value curves, step {step} "
                 f"(spearman {results['spearman']:.2f})")
             return results

@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("grain")
@@ -64,6 +65,8 @@ def test_cli_runlocal_writes_checkpoint_and_metrics(toy_dirs, tmp_path):
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [6]
     assert 0.0 <= evals[0]["prior_ltdr"] <= 1.0 and evals[0]["prior_ade"] >= 0.0
+    sample = np.asarray(Image.open(workdir / "samples" / "flows_00000006.png"))
+    assert sample.shape == (240, 480, 3)
     with Checkpointer(workdir) as ckpt:
         assert ckpt.latest_step() == 6
     params = load_params(workdir)

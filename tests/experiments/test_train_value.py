@@ -148,10 +148,3 @@ def test_prepare_frames_crops_and_resizes():
     with pytest.raises(ValueError, match="frames"):
         value.prepare_frames(jnp.zeros((4, 4)), 4)
 
-
-def test_value_curve_image_draws_the_curves():
-    image = value.value_curve_image([np.linspace(-1, 1, 5), np.zeros(3)],
-                                    [np.arange(5), np.arange(0, 6, 2)], "t", size=(200, 300))
-    assert image.shape == (200, 300, 3) and image.dtype == np.uint8
-    # Not a blank canvas: the lines are coloured.
-    assert (np.ptp(image.astype(int), axis=-1) > 60).sum() > 50
