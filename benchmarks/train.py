@@ -130,26 +130,33 @@ def run_trainer(name: str, config: str, data_dir: Path, workdir: Path, steps: in
     }
 
 
-def trainer_figures(root: Path, quick: bool) -> dict[str, Any]:
+def trainer_figures(root: Path, quick: bool, only: list[str] | None = None) -> dict[str, Any]:
     tiny = build_data(root, 32, horizon=4, history=2, text_dim=32, episodes=6)
     steps = 12 if quick else 40
     runs: dict[str, Any] = {}
     small = {"batch_size": 8}
+    # Evaluation off: these are training figures (the loop would still evaluate the last step).
+    no_eval = {"eval_batches": 0}
     for name, config, extra in [
-        ("cvae_tiny", "experiments/configs/cvae_small.py:runlocal", {}),
-        ("dit_tiny", "experiments/configs/dit_small.py:runlocal", {"codec.kind": "pixels"}),
-        ("autoencoder_tiny", "experiments/configs/autoencoder_sd.py:runlocal", {}),
-        ("value_tiny", "experiments/configs/value_clip.py:runlocal", {}),
+        ("cvae_tiny", "experiments/configs/cvae_small.py:runlocal", no_eval),
+        ("dit_tiny", "experiments/configs/dit_small.py:runlocal",
+         {"codec.kind": "pixels", **no_eval}),
+        ("autoencoder_tiny", "experiments/configs/autoencoder_sd.py:runlocal", no_eval),
+        ("value_tiny", "experiments/configs/value_clip.py:runlocal", {"eval_episodes": 0}),
     ]:
+        if only and name not in only:
+            continue
         print(f"[train bench] {name}", flush=True)
         runs[name] = run_trainer(name, config, tiny, root / name, steps, {**small, **extra})
-    if not quick:
+    if not quick and (not only or {"cvae_S", "dit_S"} & set(only)):
         big = build_data(root, 128, horizon=16, history=16, text_dim=384, episodes=4)
         for name, config, extra in [
-            ("cvae_S", "experiments/configs/cvae_small.py", {}),
+            ("cvae_S", "experiments/configs/cvae_small.py", no_eval),
             ("dit_S", "experiments/configs/dit_small.py",
-             {"codec.kind": "pixels", "codec.factor": 8}),
+             {"codec.kind": "pixels", "codec.factor": 8, **no_eval}),
         ]:
+            if only and name not in only:
+                continue
             print(f"[train bench] {name}", flush=True)
             runs[name] = run_trainer(name, config, big, root / name, 6,
                                      {"batch_size": 2, "ema_decay": 0.9999, **extra})
@@ -246,7 +253,7 @@ def dit_step_figures(size: str, batch: int, dtype: str, steps: int, *, remat: bo
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="tiny configs only, few steps")
@@ -255,7 +262,11 @@ def main() -> None:
     parser.add_argument("--skip_trainers", action="store_true",
                         help="only the DiT step figures (e.g. on an accelerator host)")
     parser.add_argument("--accelerator_batch", type=int, default=32)
-    args = parser.parse_args()
+    parser.add_argument("--only", default="",
+                        help="comma-separated trainer runs (cvae_tiny,dit_tiny,autoencoder_tiny,"
+                             "value_tiny,cvae_S,dit_S); default all")
+    args = parser.parse_args(argv)
+    only = [x for x in args.only.split(",") if x] or None
 
     result: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -266,7 +277,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_trainers:
-            result["trainers"] = trainer_figures(Path(tmp), args.quick)
+            result["trainers"] = trainer_figures(Path(tmp), args.quick, only)
     dit = {"tiny_fp32": dit_step_figures("tiny", 8, "float32", 3, latent=8, points=64,
                                          text_dim=32)}
     if not args.quick:

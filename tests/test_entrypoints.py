@@ -120,3 +120,18 @@ def test_models_benchmark_quick_writes_figures(tmp_path):
     assert dit["concat_over_shared_flops"] > 3  # the official replication costs far more
     assert res["param_counts"]["L"] == {"dit": 399_156_256, "cvae": 72_979_280}
     assert res["targets_met"]["dit_s_forward_gflop_per_sample"] is True
+
+
+def test_train_benchmark_quick_writes_figures(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    from benchmarks import train as bench
+
+    out = tmp_path / "train.json"
+    bench.main(["--quick", "--only", "cvae_tiny", "--out", str(out)])
+    res = json.loads(out.read_text())
+    run = res["trainers"]["cvae_tiny"]
+    assert run["steps_per_s"] > 0 and 0.0 <= run["input_wait_fraction"] <= 1.0
+    assert run["peak_host_memory_mb"] > 100  # a JAX process; the child's own ru_maxrss
+    step = res["dit_step"]["tiny_fp32"]
+    assert step["flops_per_step"] > 1e9 and step["mfu"] is None  # no peak FLOP/s for CPUs
+    assert "accelerator" in res["targets_met"]

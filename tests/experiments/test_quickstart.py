@@ -29,7 +29,9 @@ def run_cli(workdir, *flags):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_quickstart_trains_every_module_and_resumes(tmp_path):
+@pytest.mark.slow  # ~2 minutes on 2 cores (four models compiled); the fast test below covers
+# the glue in the default run and each trainer has its own tests.
+def test_quickstart_cli_trains_every_module(tmp_path):
     res = run_cli(tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     for i, module in enumerate(quickstart.MODULES, 1):
@@ -52,6 +54,23 @@ def test_quickstart_trains_every_module_and_resumes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "toy_data").iterdir()) == ["train", "val"]
 
 
+def test_quickstart_in_process_two_modules(tmp_path):
+    c = quickstart_config.get_config("runlocal")
+    c.modules = "value,cvae"
+    c.total_steps, c.batch_size, c.log_every = 2, 8, 2
+    c.toy_episodes, c.toy_val_episodes = 3, 1
+    summary = quickstart.train_and_evaluate(c, str(tmp_path))
+    assert list(summary["modules"]) == ["cvae", "value"]
+    on_disk = json.loads((tmp_path / quickstart.SUMMARY_FILE).read_text())
+    assert on_disk == summary
+    for module in ("cvae", "value"):
+        entry = summary["modules"][module]
+        assert entry["step"] == 2 and entry["eval"]["step"] == 2
+        assert entry["samples"] and all(pathlib.Path(p).exists() for p in entry["samples"])
+    assert 0.0 <= summary["modules"]["cvae"]["eval"]["prior_ltdr"] <= 1.0
+    assert not (tmp_path / "autoencoder").exists() and not (tmp_path / "dit").exists()
+
+
 def test_module_selection_and_errors(tmp_path):
     c = quickstart_config.get_config()
     assert c.trainer == "quickstart" and c.total_steps == 200
@@ -64,3 +83,9 @@ def test_module_selection_and_errors(tmp_path):
     c.modules = "dit"
     with pytest.raises(ValueError, match="autoencoder"):
         quickstart.train_and_evaluate(c, str(tmp_path))
+
+
+def test_readme_main_command_is_the_quickstart():
+    readme = (ROOT / "README.md").read_text()
+    assert ('pip install -e ".[train]" && python -m experiments.train '
+            '--config=experiments/configs/quickstart.py --workdir=outputs/quickstart') in readme
