@@ -18,9 +18,8 @@ from experiments.configs import autoencoder_finetune, autoencoder_sd
 from experiments.trainers import autoencoder, loop
 from flipjax.checkpoints import Checkpointer, load_params
 from flipjax.models.autoencoder import AutoencoderConfig
+from tests.experiments.helpers import runlocal_config
 
-# conftest gives 8 CPU devices; the batch must split over the data axis.
-BATCH = 8
 # Smaller than the :runlocal codec (3 levels, 2 ResNets each): XLA's CPU compile time, which
 # dominates these runs, grows with the number of layers.
 TEST_MODEL = dict(block_out_channels=(32, 32), layers_per_block=1)
@@ -39,26 +38,8 @@ def _leaves_equal(a, b):
                                                     strict=True))
 
 
-@pytest.fixture(scope="module")
-def toy_dirs(tmp_path_factory):
-    """Toy clips built once for every run of this module."""
-    root = tmp_path_factory.mktemp("toy_data")
-    config = autoencoder_sd.get_config("runlocal")
-    config.toy_episodes, config.toy_val_episodes = 2, 1
-    for split in ("train", "val"):
-        autoencoder.open_frames(config, root / split, split)
-    return root / "train", root / "val"
-
-
 def local_config(module, toy_dirs, total_steps, eval_batches=0, **fields):
-    c = module.get_config("runlocal")
-    c.data_dir, c.eval_data_dir = map(str, toy_dirs)
-    c.total_steps = total_steps
-    c.batch_size = BATCH
-    c.log_every = 1
-    c.checkpoint_every = 100
-    c.eval_every = 0
-    c.eval_batches = eval_batches
+    c = runlocal_config(module, toy_dirs, total_steps, eval_batches=eval_batches)
     c.model.update(TEST_MODEL)
     for k, v in fields.items():
         c[k] = v

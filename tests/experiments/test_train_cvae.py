@@ -18,32 +18,13 @@ from experiments import train as train_cli
 from experiments.configs import cvae_base, cvae_large, cvae_small
 from experiments.trainers import clips, cvae, loop
 from flipjax.checkpoints import Checkpointer, load_params
+from tests.experiments.helpers import BATCH, runlocal_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-# conftest gives 8 CPU devices; the batch must split over the data axis.
-BATCH = 8
-
-
-@pytest.fixture(scope="module")
-def toy_dirs(tmp_path_factory):
-    """Toy clips built once for every run of this module."""
-    root = tmp_path_factory.mktemp("toy_data")
-    config = cvae_small.get_config("runlocal")
-    for split in ("train", "val"):
-        cvae.build_toy_clips(config, split, root / split)
-    return root / "train", root / "val"
 
 
 def local_config(toy_dirs, total_steps, eval_batches=0):
-    c = cvae_small.get_config("runlocal")
-    c.data_dir, c.eval_data_dir = map(str, toy_dirs)
-    c.total_steps = total_steps
-    c.batch_size = BATCH
-    c.log_every = 1
-    c.checkpoint_every = 100
-    c.eval_every = 0
-    c.eval_batches = eval_batches
-    return c
+    return runlocal_config(cvae_small, toy_dirs, total_steps, eval_batches=eval_batches)
 
 
 def test_cli_runlocal_writes_checkpoint_and_metrics(toy_dirs, tmp_path):

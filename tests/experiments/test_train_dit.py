@@ -19,31 +19,12 @@ from experiments.trainers import dit, loop
 from flipjax import codec as codec_lib
 from flipjax.checkpoints import Checkpointer, load_params
 from flipjax.models.autoencoder import AutoencoderKL, sd_vae_ft_ema, tiny_autoencoder
-
-# conftest gives 8 CPU devices; the batch must split over the data axis.
-BATCH = 8
-
-
-@pytest.fixture(scope="module")
-def toy_dirs(tmp_path_factory):
-    """Toy clips built once for every run of this module."""
-    root = tmp_path_factory.mktemp("toy_data")
-    config = dit_small.get_config("runlocal")
-    for split in ("train", "val"):
-        dit.build_toy_clips(config, split, root / split)
-    return root / "train", root / "val"
+from tests.experiments.helpers import runlocal_config
 
 
 def local_config(toy_dirs, total_steps, eval_batches=0):
-    c = dit_small.get_config("runlocal")
-    c.data_dir, c.eval_data_dir = map(str, toy_dirs)
-    c.total_steps = total_steps
-    c.batch_size = BATCH
-    c.log_every = 1
-    c.checkpoint_every = 100
-    c.eval_every = 0
-    c.eval_batches = eval_batches
-    c.eval_sample_steps = 2
+    c = runlocal_config(dit_small, toy_dirs, total_steps, eval_batches=eval_batches,
+                        eval_sample_steps=2)
     c.model.text_layers = 1  # compile time dominates these runs
     return c
 

@@ -17,31 +17,11 @@ from experiments.configs import value_clip, value_liv
 from experiments.trainers import clips, loop, value
 from flipjax.checkpoints import Checkpointer, load_params
 from flipjax.models.value import ValueConfig
-
-# conftest gives 8 CPU devices; the batch must split over the data axis.
-BATCH = 8
-
-
-@pytest.fixture(scope="module")
-def toy_dirs(tmp_path_factory):
-    """Toy clips at the shared :runlocal settings, built once for every run of this module."""
-    root = tmp_path_factory.mktemp("toy_data")
-    config = value_clip.get_config("runlocal")
-    for split in ("train", "val"):
-        value.open_episodes(config, root / split, split)
-    return root / "train", root / "val"
+from tests.experiments.helpers import runlocal_config
 
 
 def local_config(module, toy_dirs, total_steps, eval_episodes=0):
-    c = module.get_config("runlocal")
-    c.data_dir, c.eval_data_dir = map(str, toy_dirs)
-    c.total_steps = total_steps
-    c.batch_size = BATCH
-    c.log_every = 1
-    c.checkpoint_every = 100
-    c.eval_every = 0
-    c.eval_episodes = eval_episodes
-    return c
+    return runlocal_config(module, toy_dirs, total_steps, eval_episodes=eval_episodes)
 
 
 def check_run(workdir, config, steps, eval_step):
