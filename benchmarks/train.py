@@ -15,7 +15,8 @@ Two parts:
 * ``dit_step``: the DiT train step alone (IDDPM loss, AdamW, EMA; synthetic latents already on
   the device, so no input pipeline) compiled once; FLOPs per step from XLA's cost analysis,
   steps/s, examples/s, peak device memory where the backend reports it, and MFU =
-  FLOPs x steps/s / (devices x peak FLOP/s) for accelerators in :data:`PEAK_FLOPS`. On CPU
+  per-device FLOPs x steps/s / peak FLOP/s for accelerators in :data:`PEAK_FLOPS` (XLA
+  reports the cost of one device's partition of the SPMD program). On CPU
   (tiny and S, float32) MFU is null: there is no meaningful peak to divide by. With
   ``--accelerator`` (a GPU or TPU host) it runs DiT-B and DiT-L in bfloat16 at the paper's
   shapes (4 history + 15 future 16x16x4 latents, 529 flow points), the issue's target being
@@ -228,7 +229,8 @@ def dit_step_figures(size: str, batch: int, dtype: str, steps: int, *, remat: bo
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    # XLA's cost analysis of an SPMD program counts one device's partition.
+    flops_device = float(cost.get("flops", float("nan"))) if cost else float("nan")
     state, m = compiled(state, data)  # warm-up
     jax.block_until_ready(m)
     t0 = time.perf_counter()
@@ -244,9 +246,10 @@ def dit_step_figures(size: str, batch: int, dtype: str, steps: int, *, remat: bo
         "devices": devices, "device_kind": jax.devices()[0].device_kind,
         "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
         "compile_s": round(compile_s, 1), "step_s": secs, "steps_per_s": 1 / secs,
-        "examples_per_s": batch / secs, "flops_per_step": flops,
-        "achieved_tflops_per_device": flops / secs / devices / 1e12,
-        "mfu": None if peak is None else flops / secs / (devices * peak),
+        "examples_per_s": batch / secs, "flops_per_step": flops_device * devices,
+        "flops_per_step_per_device": flops_device,
+        "achieved_tflops_per_device": flops_device / secs / 1e12,
+        "mfu": None if peak is None else flops_device / secs / peak,
         "peak_device_memory_gb": (stats["peak_bytes_in_use"] / 2**30
                                   if "peak_bytes_in_use" in stats else None),
         "final_loss": float(m["loss"]),
