@@ -1,1 +1,27 @@
-"""Jitted hill-climbing beam search over flows, videos and values (to come)."""
+"""Jitted, batched hill-climbing beam search over flows, videos and values (flax-free).
+
+``WorldModel`` bundles the action, dynamics, codec and value apply functions with their
+params; ``hill_climb`` plans P problems with B beams and A candidates per step as one jitted
+``lax.scan`` program and returns a ``Plan``. See ``beam_search`` for the departures from the
+official FLIP planner.
+"""
+
+from flipjax.planning.beam_search import (
+    BeamState,
+    Plan,
+    PlanConfig,
+    grid_queries,
+    hill_climb,
+    rollout_candidates,
+)
+from flipjax.planning.world_model import WorldModel
+
+__all__ = [
+    "BeamState",
+    "Plan",
+    "PlanConfig",
+    "WorldModel",
+    "grid_queries",
+    "hill_climb",
+    "rollout_candidates",
+]
