@@ -49,8 +49,10 @@ _FINALISED_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
-    """Returns the directory holding the step directories of a training run."""
-    return Path(workdir) / "checkpoints"
+    """Returns the (absolute) directory holding the step directories of a training run."""
+    # Absolute: orbax's asynchronous writers refuse relative paths (and the process's working
+    # directory may change while a save is in flight).
+    return Path(workdir).absolute() / "checkpoints"
 
 
 def _is_finalised(step_dir: Path) -> bool:

@@ -217,3 +217,17 @@ def test_partial_step_directories_are_ignored(tmp_path):
     assert meta["step"] == 2
     assert_tree_equal(restored, state)
     assert_tree_equal(load_params(tmp_path), state["params"])
+
+
+def test_relative_workdir(tmp_path, monkeypatch):
+    # The README's quickstart passes a relative --workdir; orbax's async writers need absolute
+    # paths.
+    monkeypatch.chdir(tmp_path)
+    state = {"w": jnp.arange(4.0)}
+    with Checkpointer("runs/rel", async_save=True) as ckpt:
+        ckpt.save(1, state, force=True)
+        ckpt.wait()
+    assert (tmp_path / "runs" / "rel" / "checkpoints" / "1").is_dir()
+    with Checkpointer("runs/rel") as ckpt:
+        restored, _, _ = ckpt.restore(1)
+    np.testing.assert_array_equal(restored["w"], state["w"])
