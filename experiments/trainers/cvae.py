@@ -174,7 +174,7 @@ def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...]) -> Any:
 
 
 def flow_sample_image(batch: dict[str, jax.Array], flows: jax.Array) -> Any:
-    """The first clip's ground-truth and sampled flows over its current frame.
+    """Ground-truth and sampled flows of the batch's most moving clip over its current frame.
 
     Args:
       batch: a loader batch (history uint8[B T H W 3], tracks float32[B N L 2]).
@@ -186,11 +186,14 @@ def flow_sample_image(batch: dict[str, jax.Array], flows: jax.Array) -> Any:
     from flipjax import viz
 
     # Addressable data only: on a multi-host mesh process 0 draws one of its own clips.
-    def first(x: jax.Array) -> np.ndarray:
-        return np.asarray(x.addressable_shards[0].data[0])
+    def local(x: jax.Array) -> np.ndarray:
+        return np.asarray(x.addressable_shards[0].data)
 
-    return viz.flow_panels_image(first(batch["history"])[-1], {
-        "ground truth": first(batch["tracks"]), "prior sample": first(flows)})
+    tracks = local(batch["tracks"])
+    # The clip whose points move most: most clips of a tabletop episode are nearly still.
+    i = int(np.argmax(np.abs(tracks[:, :, -1] - tracks[:, :, 0]).sum(axis=(1, 2))))
+    return viz.flow_panels_image(local(batch["history"])[i, -1], {
+        "ground truth": tracks[i], "prior sample": local(flows)[i]})
 
 
 def make_eval_factory(config: ml_collections.ConfigDict, model: FlowCVAE,
