@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flipjax import shapes
 from flipjax.typing import Array, PyTree
 
 if TYPE_CHECKING:
@@ -128,14 +129,6 @@ class LatentCodec:
                              f"width must be positive multiples of its factor {self.factor}")
         return h // self.factor, w // self.factor, self.channels
 
-    def _check(self, x: Array, what: str, channels: int, multiple: int) -> None:
-        if x.ndim != 4 or x.shape[-1] != channels:
-            raise ValueError(f"{what} must be [B H W {channels}] for this {self.kind} codec, "
-                             f"got shape {list(x.shape)}")
-        if x.shape[1] % multiple or x.shape[2] % multiple:
-            raise ValueError(f"{what} of shape {list(x.shape)}: {x.shape[1]}x{x.shape[2]} is not "
-                             f"a multiple of the codec factor {multiple}")
-
     def encode(self, frames: Array) -> Array:
         """Latents of frames.
 
@@ -145,7 +138,7 @@ class LatentCodec:
         Returns:
           float32[B h w C].
         """
-        self._check(frames, "frames", self.image_channels, self.factor)
+        shapes.check_images(frames, "frames", self.image_channels, self.factor)
         frames = frames.astype(jnp.float32)
         if self.kind == "pixels":
             b, hh, ww, c = frames.shape
@@ -165,7 +158,7 @@ class LatentCodec:
         Returns:
           float32[B H W 3], nominally in [-1, 1] (not clipped).
         """
-        self._check(latents, "latents", self.channels, 1)
+        shapes.check_images(latents, "latents", self.channels)
         z = latents.astype(jnp.float32) / self.scale + self.shift
         if self.kind == "pixels":
             b, h, w, _ = z.shape

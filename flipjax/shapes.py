@@ -77,6 +77,21 @@ def check(
     return dims
 
 
+def check_images(x: Any, name: str, channels: int, multiple: int = 1) -> None:
+    """Checks an NHWC image or latent batch: ``[B H W channels]`` with H and W multiples of
+    ``multiple`` (a codec's downsampling factor).
+
+    Raises:
+      ValueError: naming ``name``, the expected layout and the received shape.
+    """
+    shape = list(x.shape)
+    if len(shape) != 4 or shape[-1] != channels:
+        raise ValueError(f"{name} must be [B H W {channels}] (NHWC), got shape {shape}")
+    if shape[1] % multiple or shape[2] % multiple:
+        raise ValueError(f"{name} of shape {shape}: {shape[1]}x{shape[2]} height and width "
+                         f"must be multiples of {multiple}")
+
+
 def as_array(x: Any, name: str) -> jnp.ndarray | np.ndarray:
     """Returns ``x`` unchanged if it is an array, else converts it (lists, tuples, scalars)."""
     if hasattr(x, "shape") and hasattr(x, "dtype"):

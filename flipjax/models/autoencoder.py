@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flipjax import shapes
 from flipjax.models.layers import dense, dot_product_attention
 
 Array = jax.Array
@@ -401,14 +402,6 @@ class AutoencoderKL(nn.Module):
         if cfg.use_post_quant_conv:
             self.post_quant_conv = _conv(cfg.latent_channels, 1, cfg.dtype, None)
 
-    def _check(self, x: Array, channels: int, what: str, multiple: int) -> None:
-        if x.ndim != 4 or x.shape[-1] != channels:
-            raise ValueError(f"{what} must be [B H W {channels}] (NHWC), got shape "
-                             f"{list(x.shape)}")
-        if x.shape[1] % multiple or x.shape[2] % multiple:
-            raise ValueError(f"{what} height and width {x.shape[1:3]} must be multiples of "
-                             f"{multiple}")
-
     def encode(self, x: Array) -> tuple[Array, Array]:
         """Posterior of images.
 
@@ -421,7 +414,7 @@ class AutoencoderKL(nn.Module):
           like diffusers' DiagonalGaussianDistribution.
         """
         cfg = self.config
-        self._check(x, cfg.in_channels, "images", cfg.downsample_factor)
+        shapes.check_images(x, "images", cfg.in_channels, cfg.downsample_factor)
         moments = self.encoder(x)
         if cfg.use_quant_conv:
             moments = self.quant_conv(moments)
@@ -439,7 +432,7 @@ class AutoencoderKL(nn.Module):
           float32[B H W out_channels], H = h * ``config.downsample_factor``.
         """
         cfg = self.config
-        self._check(z, cfg.latent_channels, "latents", 1)
+        shapes.check_images(z, "latents", cfg.latent_channels)
         if cfg.use_post_quant_conv:
             z = self.post_quant_conv(z)
         return self.decoder(z).astype(jnp.float32)
