@@ -447,3 +447,33 @@ def load_params(workdir: str | Path, step: int | None = None, ema: bool = False)
     finally:
         manager.close()
     return _to_jax(restored[STATE][key])
+
+
+def load_meta(workdir: str | Path, step: int | None = None) -> dict[str, Any]:
+    """The JSON metadata saved with a step (the trainers store their config under "config").
+
+    Args:
+      workdir: the run directory given to :class:`Checkpointer`.
+      step: step to read; default the latest.
+
+    Returns:
+      The metadata dict, with ``step`` and ``wall_time``.
+
+    Raises:
+      FileNotFoundError: when the run has no checkpoint.
+      ValueError: for a missing step.
+    """
+    workdir = Path(workdir)
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint directory {directory} (workdir {workdir})")
+    manager = ocp.CheckpointManager(
+        directory, item_handlers={META: ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    try:
+        step = _resolve_step(workdir, _valid_steps(manager), step)
+        restored = manager.restore(step, args=ocp.args.Composite(**{
+            META: ocp.args.JsonRestore()}))
+    finally:
+        manager.close()
+    return dict(restored[META] or {})

@@ -51,7 +51,7 @@ from data_pipelines.loader import ClipDataset
 from experiments.trainers import clips, loop
 from flipjax import metrics as value_metrics
 from flipjax import viz
-from flipjax.models.value import ValueConfig, ValueModel, get_value_config
+from flipjax.models.value import ValueConfig, ValueModel, fit_frames, get_value_config
 from flipjax.models.value_loss import LivLossWeights, liv_loss, value_from_embeddings
 from flipjax.sharding import batch_sharding, replicated
 
@@ -109,16 +109,7 @@ def prepare_frames(frames: jax.Array, image_size: int) -> jax.Array:
     """
     if frames.ndim < 3 or frames.shape[-1] != 3:
         raise ValueError(f"frames: expected [... h w 3], got shape {list(frames.shape)}")
-    x = frames.astype(jnp.float32) / 127.5 - 1.0
-    h, w = x.shape[-3:-1]
-    side = min(h, w)
-    if h != w:
-        top, left = (h - side) // 2, (w - side) // 2
-        x = x[..., top:top + side, left:left + side, :]
-    if side != image_size:
-        x = jax.image.resize(x, (*x.shape[:-3], image_size, image_size, 3), "linear",
-                             antialias=True)
-    return x
+    return fit_frames(frames.astype(jnp.float32) / 127.5 - 1.0, image_size)
 
 
 def embed_states(model: ValueModel, params: PyTree, states: jax.Array) -> jax.Array:

@@ -361,6 +361,31 @@ class ValueModel(nn.Module):
         return self.value(self.embed_clip(frames), self.embed_text(text_tokens, text_mask))
 
 
+def fit_frames(frames: Array, image_size: int) -> Array:
+    """Frames of any size -> the model's square input.
+
+    Args:
+      frames: float[... h w 3] in [-1, 1].
+      image_size: the model's square side S.
+
+    Returns:
+      float32[... S S 3]: centre-cropped to a square, then resized (bilinear with
+      antialiasing) when the size differs.
+    """
+    if frames.ndim < 3 or frames.shape[-1] != 3:
+        raise ValueError(f"frames: expected [... h w 3], got shape {list(frames.shape)}")
+    x = frames.astype(jnp.float32)
+    h, w = x.shape[-3:-1]
+    side = min(h, w)
+    if h != w:
+        top, left = (h - side) // 2, (w - side) // 2
+        x = x[..., top:top + side, left:left + side, :]
+    if side != image_size:
+        x = jax.image.resize(x, (*x.shape[:-3], image_size, image_size, 3), "linear",
+                             antialias=True)
+    return x
+
+
 # ------------------------------------------------------------------------------------------
 # Clip states from videos
 # ------------------------------------------------------------------------------------------

@@ -401,6 +401,9 @@ def hill_climb(world_model: WorldModel, history: Array, text_tokens: Array, text
     dims = shapes.check(text_tokens, "text_tokens", "P Lt D", dims, dtype="float")
     shapes.check(text_mask, "text_mask", "P Lt", dims, dtype="bool")
     p = dims["P"]
+    if dims["Th"] < world_model.history_frames:
+        raise ValueError(f"history of shape {list(history.shape)}: the world model needs at "
+                         f"least {world_model.history_frames} history frames")
     if world_model.value_frames > dims["Th"] + 1:
         raise ValueError(f"WorldModel.value_frames={world_model.value_frames} needs at least "
                          f"{world_model.value_frames - 1} history frames, got history of shape "

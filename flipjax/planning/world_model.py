@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -45,7 +46,8 @@ _FUNCTIONS = ("propose", "encode_conditions", "denoise", "encode", "decode", "va
     jax.tree_util.register_dataclass,
     data_fields=["action_params", "dynamics_params", "codec_params", "value_params"],
     meta_fields=["propose", "encode_conditions", "denoise", "encode", "decode", "value",
-                 "null_conditions", "learned_range", "prediction", "value_frames"])
+                 "null_conditions", "learned_range", "prediction", "value_frames",
+                 "history_frames"])
 @dataclasses.dataclass(frozen=True)
 class WorldModel:
     """The four modules the planner calls, as pure functions, with their parameters.
@@ -60,6 +62,8 @@ class WorldModel:
       learned_range: whether ``denoise`` returns 2C channels (eps and variance values).
       prediction: what ``denoise`` predicts: "eps", "v" or "x0".
       value_frames: Tv, frames per clip that ``value`` scores (1: single frames).
+      history_frames: the fewest observation frames the functions work with (the planner
+        refuses a shorter history; each function takes the last frames it needs).
     """
 
     propose: Callable[..., Any]
@@ -76,6 +80,7 @@ class WorldModel:
     learned_range: bool = True
     prediction: str = "eps"
     value_frames: int = 1
+    history_frames: int = 1
 
     def __post_init__(self) -> None:
         # Only static fields are checked: JAX rebuilds the dataclass with placeholder leaves.
@@ -88,5 +93,23 @@ class WorldModel:
         if self.prediction not in ("eps", "v", "x0"):
             raise ValueError(f"WorldModel.prediction must be 'eps', 'v' or 'x0', got "
                              f"{self.prediction!r}")
+        if int(self.history_frames) < 1:
+            raise ValueError(f"WorldModel.history_frames must be >= 1, got "
+                             f"{self.history_frames}")
         if int(self.value_frames) < 1:
             raise ValueError(f"WorldModel.value_frames must be >= 1, got {self.value_frames}")
+
+    @classmethod
+    def from_checkpoints(cls, action: str | Path, dynamics: str | Path, value: str | Path, *,
+                         codec: Any = None, ema: bool | None = None, dtype: str = "float32"
+                         ) -> tuple[WorldModel, Any]:
+        """The world model of trained runs: see
+        :func:`flipjax.planning.loading.world_model_from_checkpoints` (imports flax).
+
+        Returns:
+          (world model, the DiT's training ``diffusion.Schedule`` for ``PlanConfig.schedule``).
+        """
+        from flipjax.planning.loading import world_model_from_checkpoints
+
+        return world_model_from_checkpoints(action, dynamics, value, codec=codec, ema=ema,
+                                            dtype=dtype)
