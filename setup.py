@@ -16,6 +16,8 @@ _TEXT = ["tokenizers>=0.15", "safetensors>=0.4"]
 # Training: clu metric writers (TensorBoard event files need tensorboard + TensorFlow, which
 # `data` already brings), Pillow for sample images, matplotlib for plots.
 _TRAIN = ["clu>=0.0.11", "tensorboard>=2.15", "matplotlib>=3.7", "pillow>=9", *_DATA]
+# Notebooks (examples/): a Jupyter kernel; the tests execute them through nbclient.
+_NOTEBOOK = ["ipykernel>=6", "nbclient>=0.9", "nbformat>=5.9", "matplotlib>=3.7", "pillow>=9"]
 
 setup(
     name="flipjax",
@@ -41,6 +43,8 @@ setup(
         "data": _DATA,
         "text": _TEXT,
         "train": _TRAIN,
-        "test": ["pytest>=7.4", "hypothesis>=6.90", "ruff>=0.5", "scipy>=1.11", *_TRAIN, *_TEXT],
+        "notebook": _NOTEBOOK,
+        "test": ["pytest>=7.4", "hypothesis>=6.90", "ruff>=0.5", "scipy>=1.11", *_TRAIN, *_TEXT,
+                 *_NOTEBOOK],
     },
 )
