@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.toy_val_episodes = 2
     c.toy_grid = 8
     c.toy_text_max_tokens = 8
+    # Metres of gripper motion per toy step (ToyConfig.speed): faster motion means larger
+    # flows per clip, which small frames need for the motion to span several pixels.
+    c.toy_speed = 0.015
     c.data_workers = 0  # grain worker processes
     c.data_threads = 2
 

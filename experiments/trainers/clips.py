@@ -96,7 +96,8 @@ def build_toy_clips(config: ml_collections.ConfigDict, split: str, out: str | Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         rlds = toy.build(tmp, {split: episodes}, seed=int(config.seed),
-                         config=ToyConfig(image_size=h))
+                         config=ToyConfig(image_size=h,
+                                          speed=float(config.get("toy_speed", 0.015))))
         staging = out.parent / (out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         build_clips(BuildOptions(

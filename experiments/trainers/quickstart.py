@@ -30,7 +30,8 @@ SUMMARY_FILE = "quickstart.json"
 # Fields of the quickstart config that every module's config takes over.
 SHARED = ("seed", "total_steps", "batch_size", "log_every", "checkpoint_every", "eval_every",
           "keep_checkpoints", "async_checkpointing", "toy_episodes", "toy_val_episodes",
-          "toy_grid", "toy_text_max_tokens", "data_workers", "data_threads", "compute_dtype")
+          "toy_grid", "toy_text_max_tokens", "toy_speed", "data_workers", "data_threads",
+          "compute_dtype")
 
 
 def selected_modules(config: ml_collections.ConfigDict) -> list[str]:
