@@ -21,11 +21,10 @@ import numpy as np
 from absl import app, flags, logging
 
 from data_pipelines.rlds_writer import write_rlds
-from data_pipelines.toy_tasks import ToyEpisode, sample_episode
+from data_pipelines.toy_tasks import ToyEpisode, episode_rng, sample_episode
 from data_pipelines.toy_world import ToyConfig, camera_poses, render_rgb_uint8
 
 NAME, VERSION = "toy_world", "1.0.0"
-_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
 def features(config: ToyConfig) -> Any:
@@ -72,11 +71,6 @@ def _png(rgb: np.ndarray) -> io.BytesIO:
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return io.BytesIO(buf.tobytes())
-
-
-def episode_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """The generator of one episode: episodes are independent and reproducible."""
-    return np.random.default_rng([seed, _SPLIT_IDS.get(split, 3), index])
 
 
 def to_rlds(episode: ToyEpisode, index: int) -> dict[str, Any]:

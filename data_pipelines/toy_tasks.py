@@ -28,6 +28,12 @@ from data_pipelines.toy_world import (
 
 TRAVEL_Z, LOW_Z, LIFT_Z = 0.12, 0.005, 0.07
 FAILURES = ("short", "wrong_block", "wrong_target")
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}  # any other split name (e.g. "plan") -> 3
+
+
+def episode_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of one episode: episodes are independent and reproducible."""
+    return np.random.default_rng([seed, SPLIT_IDS.get(split, 3), index])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,12 +19,13 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments import cli
 
 # Modules of experiments.trainers that are libraries rather than trainers.
 _NOT_TRAINERS = ("clips", "common", "logging_utils", "loop")
@@ -83,20 +84,6 @@ def distributed_args(environ: dict[str, str] | None = None) -> dict[str, Any]:
     return args
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a readable error for an unknown ``--config.<field>``."""
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as e:
-        # ml_collections raises these (not a flags error) for overrides of absent fields.
-        detail: Any = e
-        while isinstance(detail, BaseException) and detail.args:
-            detail = detail.args[0]  # the KeyError inside, then its ("'name'\nDid you mean...")
-        overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
-        sys.exit(f"FATAL Flags parsing error: the config has no field {detail}\n"
-                 f"Check the --config.<field> overrides ({overrides}) against the config file.")
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -121,4 +108,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.parse_flags)

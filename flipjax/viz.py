@@ -156,3 +156,110 @@ def write_video(path: Any, frames: np.ndarray, fps: float = 4.0) -> None:
     images = [Image.fromarray(f) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], loop=0,
                    duration=round(1000 / fps))
+
+
+def plan_video_frames(history: np.ndarray, videos: np.ndarray, flows: np.ndarray, *,
+                      values: np.ndarray | None = None, title: str = "",
+                      size: int = 256) -> np.ndarray:
+    """Frames of a video plan: the observed history, then each generated frame with the
+    tracks of its planning step drawn up to that frame.
+
+    Args:
+      history: uint8[Th H W 3] (or float in [-1, 1]) observed frames, the last one current.
+      videos: float[Hz F H W 3] in [-1, 1] (or uint8) the plan's generated frames, F = L - 1
+        per planning step.
+      flows: float[Hz L N 2] pixel tracks of each planning step (step 0 on the frame before
+        the step's first generated frame), as ``Plan.flows[p, b]``.
+      values: float[Hz] value of each planning step, shown in the titles (optional).
+      title: text put before every frame's own caption (e.g. the instruction).
+      size: pixel side of the square output frames.
+
+    Returns:
+      uint8[Th + Hz*F size size 3].
+
+    Raises:
+      ValueError: naming the argument whose shape does not fit.
+    """
+    history, videos = to_uint8(history), to_uint8(videos)
+    flows = np.asarray(flows, np.float32)
+    if history.ndim != 4 or history.shape[-1] != 3:
+        raise ValueError(f"history: expected [Th H W 3], got {list(history.shape)}")
+    if videos.ndim != 5 or videos.shape[2:] != history.shape[1:]:
+        raise ValueError(f"videos: expected [Hz F {history.shape[1]} {history.shape[2]} 3], "
+                         f"got {list(videos.shape)}")
+    hz, f = videos.shape[:2]
+    if flows.ndim != 4 or flows.shape[0] != hz or flows.shape[1] != f + 1 \
+            or flows.shape[-1] != 2:
+        raise ValueError(f"flows: expected [{hz} {f + 1} N 2] to match videos "
+                         f"{list(videos.shape)}, got {list(flows.shape)}")
+    if values is not None and np.shape(values) != (hz,):
+        raise ValueError(f"values: expected [{hz}], got {list(np.shape(values))}")
+    prefix = f"{title}\n" if title else ""
+
+    def frame(image: np.ndarray, caption: str, tracks: np.ndarray | None) -> np.ndarray:
+        fig = new_figure((size, size))
+        ax = fig.add_axes((0.0, 0.0, 1.0, 0.86))
+        if tracks is None:
+            ax.imshow(image)
+            ax.set_axis_off()
+        else:
+            draw_tracks(ax, image, tracks)
+        fig.suptitle(prefix + caption, fontsize=7, y=0.995, va="top")
+        return figure_image(fig, (size, size))
+
+    th = len(history)
+    out = [frame(img, f"observed t={k - th + 1}", None) for k, img in enumerate(history)]
+    for h in range(hz):
+        tracks = np.swapaxes(flows[h], 0, 1)  # N L 2
+        value = "" if values is None else f", value {float(values[h]):.3f}"
+        for k in range(f):
+            out.append(frame(videos[h, k], f"plan step {h + 1}/{hz}, frame {k + 1}/{f}{value}",
+                             tracks[:, :k + 2]))
+    return np.stack(out)
+
+
+def beam_values_image(values: np.ndarray, best: int, *, returns: np.ndarray | None = None,
+                      title: str = "", size: tuple[int, int] = (320, 480)) -> np.ndarray:
+    """Plots the value of every beam over the planning steps, the chosen beam highlighted.
+
+    Args:
+      values: float[B Hz] value of each beam's kept candidate at each planning step.
+      best: index of the chosen beam (drawn thick, in colour, on top).
+      returns: float[B] the beams' returns, shown in the legend (optional).
+      title: the plot title.
+      size: (H, W) of the image in pixels.
+
+    Returns:
+      uint8[H W 3].
+
+    Raises:
+      ValueError: for values that are not [B Hz], returns that are not [B], or a best beam
+        out of range.
+    """
+    values = np.asarray(values, np.float32)
+    if values.ndim != 2:
+        raise ValueError(f"values: expected [B Hz], got {list(values.shape)}")
+    b, hz = values.shape
+    if not 0 <= int(best) < b:
+        raise ValueError(f"best={best} is not one of the {b} beams")
+    if returns is not None and np.shape(returns) != (b,):
+        raise ValueError(f"returns: expected [{b}], got {list(np.shape(returns))}")
+    fig = new_figure(size)
+    ax = fig.add_subplot()
+    steps = np.arange(1, hz + 1)
+    for i in range(b):
+        if i != int(best):
+            label = f"beam {i}" + ("" if returns is None else f" (return {returns[i]:.3f})")
+            ax.plot(steps, values[i], color="0.6", lw=1.0, marker=".", label=label)
+    label = f"best: beam {int(best)}" + (
+        "" if returns is None else f" (return {returns[int(best)]:.3f})")
+    ax.plot(steps, values[int(best)], color="tab:red", lw=2.4, marker="o", label=label,
+            zorder=3)
+    ax.set_xlabel("planning step")
+    ax.set_ylabel("value of the kept candidate")
+    ax.set_xticks(steps)
+    ax.set_title(title, fontsize=8)
+    if b <= 8:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return figure_image(fig, size)
