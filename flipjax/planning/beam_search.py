@@ -13,10 +13,12 @@ Departures from the official FLIP planner, on purpose:
 * Timesteps: the samplers (``flipjax.models.sampling``) call the DiT with the ORIGINAL
   training timesteps of the respaced schedule; the official code rebuilt a short schedule and
   fed its indices as labels to a 1000-step model.
-* Latent history: the initial history is encoded once; afterwards the generated latents are
-  appended as they are (no decode -> encode round trip through the VAE at every step). The
-  pixel history that the action and value modules need is the decoding of the generated
-  latents, computed once per step, and nothing decoded is thrown away (it is the video plan).
+* Latent history: the initial history is encoded once (only its newest
+  ``WorldModel.latent_history_frames`` frames, the ones the dynamics model reads); afterwards
+  the generated latents are appended as they are (no decode -> encode round trip through the
+  VAE at every step). The pixel history that the action and value modules need is the
+  decoding of the generated latents, computed once per step, and nothing decoded is thrown
+  away (it is the video plan).
 * Conditioning (flow embedding, language, cross-attention keys) is encoded once per planning
   step, not at every sampler step.
 * Values are per candidate: ``value`` sees only that candidate's clip; the official min-max
@@ -162,7 +164,7 @@ class Plan(NamedTuple):
 class BeamState(NamedTuple):
     """The state of B beams of one problem (the scan carry); replacement copies all of it."""
 
-    latent_history: Array  # float[B Th h w C]
+    latent_history: Array  # float[B Tl h w C], the newest Tl = latent_history_frames
     pixel_history: Array   # float[B Th Hi Wi 3]
     flows: Array           # float[B H L N 2]
     latents: Array         # float[B H F h w C]
@@ -212,8 +214,8 @@ def rollout_candidates(wm: WorldModel, latent_history: Array, pixel_history: Arr
 
     Args:
       wm: the world model.
-      latent_history: float[R Th h w C] clean history latents.
-      pixel_history: float[R Th Hi Wi 3] the same frames in pixels, in [-1, 1].
+      latent_history: float[R Tl h w C] clean history latents (the newest Tl frames).
+      pixel_history: float[R Th Hi Wi 3] the history in pixels, in [-1, 1].
       flows: float[R N L 2] pixel tracks, step 0 the current frame.
       text_tokens: float[R Lt D]; text_mask: bool[R Lt].
       key: PRNG key of the sampler.
@@ -222,7 +224,7 @@ def rollout_candidates(wm: WorldModel, latent_history: Array, pixel_history: Arr
     Returns:
       (latents float[R F h w C], frames float[R F Hi Wi 3], values float[R]), F = L - 1.
     """
-    dims = shapes.check(latent_history, "latent_history", "R T h w C", dtype="float")
+    dims = shapes.check(latent_history, "latent_history", "R Tl h w C", dtype="float")
     dims = shapes.check(pixel_history, "pixel_history", "R T Hi Wi 3", dims, dtype="float")
     dims = shapes.check(flows, "flows", "R N L 2", dims, dtype="float")
     dims = shapes.check(text_tokens, "text_tokens", "R Lt D", dims, dtype="float")
@@ -277,7 +279,8 @@ def _plan_one(wm: WorldModel, history: Array, text_tokens: Array, text_mask: Arr
     b, a, hz = config.beams, config.candidates, config.horizon
     rows = b * a
     th = history.shape[0]
-    latent0 = wm.encode(wm.codec_params, history.astype(jnp.float32))  # Th h w C
+    tl = th if wm.latent_history_frames is None else min(th, int(wm.latent_history_frames))
+    latent0 = wm.encode(wm.codec_params, history[th - tl:].astype(jnp.float32))  # Tl h w C
     text_r = jnp.broadcast_to(text_tokens, (rows, *text_tokens.shape))
     mask_r = jnp.broadcast_to(text_mask, (rows, *text_mask.shape))
     queries_r = jnp.broadcast_to(queries, (rows, *queries.shape))
@@ -319,7 +322,7 @@ def _plan_one(wm: WorldModel, history: Array, text_tokens: Array, text_mask: Arr
         kept = beam_ids * a + pick
         lat, vid, val = latents[kept], frames[kept].astype(jnp.float32), values[kept]
         state = BeamState(
-            latent_history=jnp.concatenate([state.latent_history, lat], axis=1)[:, -th:],
+            latent_history=jnp.concatenate([state.latent_history, lat], axis=1)[:, -tl:],
             pixel_history=jnp.concatenate([state.pixel_history, vid], axis=1)[:, -th:],
             flows=state.flows.at[:, h].set(jnp.swapaxes(flows[kept], 1, 2)),
             latents=state.latents.at[:, h].set(lat),

@@ -115,7 +115,8 @@ def world_model_from_modules(*, cvae: FlowCVAE, cvae_params: PyTree, dit: VideoD
         decode=decode, value=value_fn, null_conditions=null_conditions,
         action_params=cvae_params, dynamics_params=dit_params, codec_params=codec,
         value_params=value_params, learned_range=bool(dit.learn_sigma), prediction="eps",
-        value_frames=clip_len, history_frames=max(n_cvae, n_dit, clip_len - 1))
+        value_frames=clip_len, history_frames=max(n_cvae, n_dit, clip_len - 1),
+        latent_history_frames=n_dit)
 
 
 # ------------------------------------------------------------------------------------------

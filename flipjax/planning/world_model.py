@@ -47,7 +47,7 @@ _FUNCTIONS = ("propose", "encode_conditions", "denoise", "encode", "decode", "va
     data_fields=["action_params", "dynamics_params", "codec_params", "value_params"],
     meta_fields=["propose", "encode_conditions", "denoise", "encode", "decode", "value",
                  "null_conditions", "learned_range", "prediction", "value_frames",
-                 "history_frames"])
+                 "history_frames", "latent_history_frames"])
 @dataclasses.dataclass(frozen=True)
 class WorldModel:
     """The four modules the planner calls, as pure functions, with their parameters.
@@ -64,6 +64,9 @@ class WorldModel:
       value_frames: Tv, frames per clip that ``value`` scores (1: single frames).
       history_frames: the fewest observation frames the functions work with (the planner
         refuses a shorter history; each function takes the last frames it needs).
+      latent_history_frames: how many of the newest history frames ``denoise`` reads; only
+        those are encoded and kept in latent space (None: all of them). The full-size FLIP
+        CVAE reads 16 frames, the DiT 4: encoding the other 12 would be wasted.
     """
 
     propose: Callable[..., Any]
@@ -81,6 +84,7 @@ class WorldModel:
     prediction: str = "eps"
     value_frames: int = 1
     history_frames: int = 1
+    latent_history_frames: int | None = None
 
     def __post_init__(self) -> None:
         # Only static fields are checked: JAX rebuilds the dataclass with placeholder leaves.
@@ -96,6 +100,10 @@ class WorldModel:
         if int(self.history_frames) < 1:
             raise ValueError(f"WorldModel.history_frames must be >= 1, got "
                              f"{self.history_frames}")
+        if self.latent_history_frames is not None and not \
+                1 <= int(self.latent_history_frames) <= int(self.history_frames):
+            raise ValueError(f"WorldModel.latent_history_frames must be in [1, history_frames="
+                             f"{self.history_frames}] or None, got {self.latent_history_frames}")
         if int(self.value_frames) < 1:
             raise ValueError(f"WorldModel.value_frames must be >= 1, got {self.value_frames}")
 

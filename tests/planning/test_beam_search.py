@@ -332,3 +332,26 @@ def test_bad_models_and_settings_raise():
 def test_planning_does_not_import_flax():
     code = "import sys, flipjax.planning; assert 'flax' not in sys.modules, 'flax imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_only_the_latent_history_the_dynamics_reads_is_encoded():
+    """The analytic denoise reads only the newest latent frame: keeping one latent frame gives
+    the same plan from 3 history frames, and encode never sees the older ones."""
+    history, text, mask = problems(STARTS, GOALS, th=3)
+    history = history.at[:, 0].set(jnp.nan)  # an older frame the dynamics never needs
+    seen = []
+
+    def encode(p, x):
+        seen.append(x.shape[0])
+        return CODEC.encode(x)
+
+    world = make_world(encode=encode, history_frames=3, latent_history_frames=1)
+    key = jax.random.PRNGKey(2)
+    plan = hill_climb(world, history, text, mask, key, SMALL, queries=QUERIES)
+    full = hill_climb(WORLD, history.at[:, 0].set(history[:, 1]), text, mask, key, SMALL,
+                      queries=QUERIES)
+    assert seen == [1]  # traced once, on the newest frame only
+    for a, b in zip(jax.tree.leaves(plan), jax.tree.leaves(full), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="latent_history_frames must be in"):
+        make_world(history_frames=2, latent_history_frames=3)
