@@ -28,3 +28,12 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 @pytest.fixture(scope="session")
 def key():
     return jax.random.PRNGKey(0)
+
+
+@pytest.fixture(scope="session")
+def planning_runs(tmp_path_factory):
+    """(root with random-init :runlocal cvae/, dit/, value/ runs; their params; modules), see
+    ``tests/planning_runs.py``. Imported lazily: most tests need no models."""
+    from tests.planning_runs import make_planning_runs
+
+    return make_planning_runs(tmp_path_factory.mktemp("planning_runs"))

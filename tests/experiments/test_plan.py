@@ -8,8 +8,6 @@ import re
 import subprocess
 import sys
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,12 +16,9 @@ pytest.importorskip("matplotlib")
 
 from data_pipelines import toy_problems as tp
 from experiments import plan as plan_cli
-from experiments.configs import cvae_small, dit_small, value_clip
+from experiments.configs import cvae_small, dit_small
 from experiments.configs import plan as plan_config_file
-from experiments.trainers import cvae as cvae_trainer
 from experiments.trainers import dit as dit_trainer
-from experiments.trainers import value as value_trainer
-from flipjax.checkpoints import Checkpointer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEXT_TOKENS, TEXT_DIM = 8, 32
@@ -31,36 +26,10 @@ TEXT_TOKENS, TEXT_DIM = 8, 32
 BEAMS, HORIZON, FRAMES, HISTORY = 2, 2, 3, 3
 
 
-def _save_run(workdir, config, params):
-    """A checkpoint laid out as the training loop writes it (params + config in the meta)."""
-    with Checkpointer(workdir, async_save=False) as ckpt:
-        ckpt.save(1, {"step": 1, "params": params},
-                  meta={"config": config.to_json_best_effort()}, force=True)
-
-
-def _random_params(init, key):
-    """Params of ``init``'s shapes drawn on the host: no init program to compile."""
-    shapes = nn.meta.unbox(jax.eval_shape(init, key))
-    rng = np.random.default_rng(0)
-    return jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(planning_runs):
     """A quickstart-like workdir of random-init :runlocal cvae/, dit/ (pixel codec), value/."""
-    root = tmp_path_factory.mktemp("plan_runs")
-    key = jax.random.key(0)
-    cc, dc, vc = (m.get_config("runlocal") for m in (cvae_small, dit_small, value_clip))
-    dit = dit_trainer.make_model(dc, dit_trainer.make_codec(dc))
-    inits = {
-        "cvae": (cc, cvae_trainer.make_init_fn(cvae_trainer.make_model(cc), TEXT_TOKENS)),
-        "dit": (dc, dit_trainer.make_init_fn(dit, TEXT_TOKENS)),
-        "value": (vc, value_trainer.make_init_fn(value_trainer.make_model(vc), TEXT_TOKENS,
-                                                 TEXT_DIM)),
-    }
-    for name, (config, init) in inits.items():
-        _save_run(root / name, config, _random_params(init, key))
-    return root
+    return planning_runs[0]
 
 
 def _cli(workdir, runs, *extra):

@@ -9,7 +9,7 @@ import pytest
 
 from flipjax.planning import PlanConfig, WorldModel, hill_climb
 from flipjax.planning.loading import world_model_from_modules
-from tests.planning.conftest import TEXT_DIM, TEXT_TOKENS
+from tests.planning_runs import TEXT_DIM, TEXT_TOKENS
 
 
 def _inputs(wm, p=2):
