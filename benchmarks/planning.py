@@ -204,12 +204,13 @@ def make_problems(info: dict[str, Any], p: int, seed: int = 0) -> tuple[Array, A
 # ------------------------------------------------------------------------------------------
 
 
-def hill_climb_calls(config: PlanConfig, problems: int, history_frames: int,
+def hill_climb_calls(config: PlanConfig, problems: int, latent_history_frames: int,
                      future_frames: int) -> dict[str, int]:
     """Model calls of one ``hill_climb`` over P problems, from its program structure.
 
     The problems are vmapped and B x A candidates batched, so every call covers all rows:
-    one encode of the P histories, then per planning step one propose, one conditioning
+    one encode of the P histories (only the ``WorldModel.latent_history_frames`` frames the
+    DiT reads), then per planning step one propose, one conditioning
     encode (two with guidance), K denoise calls, one decode and one value call.
     """
     guided = config.guidance_scale != 1.0
@@ -217,7 +218,7 @@ def hill_climb_calls(config: PlanConfig, problems: int, history_frames: int,
     h = config.horizon
     rows = problems * config.beams * config.candidates
     windows = future_frames if config.value_on == "clip" else 1
-    return {"propose": h, "encode": 1, "encode_frames": problems * history_frames,
+    return {"propose": h, "encode": 1, "encode_frames": problems * latent_history_frames,
             "encode_conditions": h * (2 if guided else 1), "denoise": h * k,
             "denoise_rows": h * k * rows * (2 if guided else 1), "decode": h,
             "decode_frames": h * rows * future_frames, "value": h,
@@ -316,7 +317,8 @@ def bench_size(size: str, s: Settings, beam_loop: bool) -> dict[str, Any]:
     log(f"{size}: compiling hill_climb" + " and a warm-up run" * s.warmup)
     run, out["hill_climb"] = prepare_hill_climb(world, problems, config, s.warmup)
     out["hill_climb"]["calls_per_plan"] = _per_plan(hill_climb_calls(
-        config, s.problems, info["history_frames"], info["future_frames"]), s.problems)
+        config, s.problems, world.latent_history_frames or info["history_frames"],
+        info["future_frames"]), s.problems)
     runners["hill_climb"] = (run, s.repeats)
     for mode in ("per_call_jit", "eager"):
         log(f"{size}: official {mode}: first run")

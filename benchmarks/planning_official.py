@@ -53,7 +53,8 @@ import numpy as np
 from flipjax import shapes
 from flipjax.models import diffusion
 from flipjax.models.sampling import guided
-from flipjax.planning import Plan, PlanConfig, WorldModel, grid_queries
+from flipjax.planning import Plan, PlanConfig, WorldModel
+from flipjax.planning.beam_search import problem_queries
 from flipjax.typing import Array, PRNGKey
 
 MODES = ("eager", "per_call_jit")
@@ -353,14 +354,7 @@ def plan_official(world_model: WorldModel, history: Array, text_tokens: Array,
     if not 1 <= encode_frames <= th:
         raise ValueError(f"encode_frames must lie in [1, {th}] for history of shape "
                          f"{list(history.shape)}, got {encode_frames}")
-    if queries is None:
-        queries = grid_queries(config.query_grid, dims["Hi"], dims["Wi"])
-    queries = jnp.asarray(queries)
-    if queries.ndim == 2:
-        shapes.check(queries, "queries", "N 2", dtype="float")
-        queries = jnp.broadcast_to(queries, (p, *queries.shape))
-    else:
-        shapes.check(queries, "queries", "P N 2", dims, dtype="float")
+    queries = problem_queries(queries, config, dims)
     counts: collections.Counter = collections.Counter()
     calls = _Calls(world_model, mode, counts)
     schedule = config.sampling_schedule()

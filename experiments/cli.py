@@ -23,3 +23,18 @@ def parse_flags(argv: list[str]) -> list[str]:
         overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
         sys.exit(f"FATAL Flags parsing error: the config has no field {detail}\n"
                  f"Check the --config.<field> overrides ({overrides}) against the config file.")
+
+
+def config_and_workdir(argv: list[str], config: Any, workdir: Any) -> tuple[Any, str]:
+    """The values of the ``--config`` and ``--workdir`` flag holders, both required.
+
+    Raises:
+      app.UsageError: for positional arguments or a missing flag.
+    """
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if config.value is None:
+        raise app.UsageError("--config is required")
+    if not workdir.value:
+        raise app.UsageError("--workdir is required")
+    return config.value, workdir.value

@@ -577,13 +577,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    if config is None:
-        raise app.UsageError("--config is required")
-    if not workdir:
-        raise app.UsageError("--workdir is required")
+    config, workdir = cli.config_and_workdir(argv, _CONFIG, _WORKDIR)
     logging.info("config:\n%s", config)
     run(config, workdir)
 

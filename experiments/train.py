@@ -85,13 +85,7 @@ def distributed_args(environ: dict[str, str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    if config is None:
-        raise app.UsageError("--config is required")
-    if not workdir:
-        raise app.UsageError("--workdir is required")
+    config, workdir = cli.config_and_workdir(argv, _CONFIG, _WORKDIR)
     # Resolve the trainer first: a typo should fail before minutes of device setup.
     train_and_evaluate = get_trainer(config.trainer)
     if config.get("distributed", False):

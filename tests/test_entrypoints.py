@@ -24,6 +24,7 @@ def test_geometry_demo_writes_plot_and_accurate_summary(tmp_path):
     assert summary["direct (flipjax)"]["rot_err_deg_median"] < 0.5
 
 
+@pytest.mark.slow  # ~40 s on 2 cores; the geometry itself is tested in tests/geometry
 def test_geometry_benchmark_quick_writes_figures(tmp_path):
     from benchmarks import geometry as bench
 

@@ -365,6 +365,20 @@ def _sharded_search(mesh: Mesh):
                    in_shardings=(rep, data, data, data, data, data), out_shardings=data)
 
 
+def problem_queries(queries: Array | None, config: PlanConfig, dims: shapes.Dims) -> Array:
+    """float[P N 2] query points per problem from None (the ``config.query_grid`` grid over
+    Hi x Wi), float[N 2] (shared) or float[P N 2]; ``dims`` holds P, Hi and Wi."""
+    p = dims["P"]
+    if queries is None:
+        queries = grid_queries(config.query_grid, dims["Hi"], dims["Wi"])
+    queries = jnp.asarray(queries)
+    if queries.ndim == 2:
+        shapes.check(queries, "queries", "N 2", dtype="float")
+        return jnp.broadcast_to(queries, (p, *queries.shape))
+    shapes.check(queries, "queries", "P N 2", dims, dtype="float")
+    return queries
+
+
 def _problem_keys(key: PRNGKey, p: int) -> Array:
     key = jnp.asarray(key)
     single = 0 if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else 1
@@ -411,14 +425,7 @@ def hill_climb(world_model: WorldModel, history: Array, text_tokens: Array, text
         raise ValueError(f"WorldModel.value_frames={world_model.value_frames} needs at least "
                          f"{world_model.value_frames - 1} history frames, got history of shape "
                          f"{list(history.shape)}")
-    if queries is None:
-        queries = grid_queries(config.query_grid, dims["Hi"], dims["Wi"])
-    queries = jnp.asarray(queries)
-    if queries.ndim == 2:
-        shapes.check(queries, "queries", "N 2", dtype="float")
-        queries = jnp.broadcast_to(queries, (p, *queries.shape))
-    else:
-        shapes.check(queries, "queries", "P N 2", dims, dtype="float")
+    queries = problem_queries(queries, config, dims)
     keys = _problem_keys(key, p)
     args = (history, text_tokens, text_mask, queries, keys)
     if mesh is None:
