@@ -52,11 +52,6 @@ from ml_collections import config_flags
 
 from experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Planning config file, optionally with an argument: path.py[:runlocal].",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (plans, media, summary).")
-
 SUMMARY_FILE = "plan_summary.json"
 SETTINGS_FILE = "plan_settings.json"
 PROBLEMS_DIR = "problems"
@@ -576,12 +571,23 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str]) -> None:
-    config, workdir = cli.config_and_workdir(argv, _CONFIG, _WORKDIR)
+def define_flags() -> tuple[Any, Any]:
+    """Defines ``--config`` and ``--workdir`` (only when run as a program: the training CLI,
+    imported next to this module by tests and notebooks, defines flags of the same names)."""
+    config = config_flags.DEFINE_config_file(
+        "config", None, "Planning config file, optionally with an argument: "
+        "path.py[:runlocal].", lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "Output directory (plans, media, summary).")
+    return config, workdir
+
+
+def main(argv: list[str], flag_holders: tuple[Any, Any]) -> None:
+    config, workdir = cli.config_and_workdir(argv, *flag_holders)
     logging.info("config:\n%s", config)
     run(config, workdir)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(main, flags_parser=cli.parse_flags)
+    _flags = define_flags()
+    app.run(lambda argv: main(argv, _flags), flags_parser=cli.parse_flags)
