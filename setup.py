@@ -18,6 +18,9 @@ _TEXT = ["tokenizers>=0.15", "safetensors>=0.4"]
 _TRAIN = ["clu>=0.0.11", "tensorboard>=2.15", "matplotlib>=3.7", "pillow>=9", *_DATA]
 # Notebooks (examples/): a Jupyter kernel; the tests execute them through nbclient.
 _NOTEBOOK = ["ipykernel>=6", "nbclient>=0.9", "nbformat>=5.9", "matplotlib>=3.7", "pillow>=9"]
+# Meta-World demos and closed-loop evaluation: MuJoCo renders offscreen through EGL (Mesa
+# llvmpipe on a CPU) or OSMesa; gymnasium imports `packaging` without declaring it.
+_SIM = ["metaworld>=3.0", "mujoco>=3.1", "packaging>=23", "imageio>=2.30", *_DATA]
 
 setup(
     name="flipjax",
@@ -44,7 +47,8 @@ setup(
         "text": _TEXT,
         "train": _TRAIN,
         "notebook": _NOTEBOOK,
+        "sim": _SIM,
         "test": ["pytest>=7.4", "hypothesis>=6.90", "ruff>=0.5", "scipy>=1.11", *_TRAIN, *_TEXT,
-                 *_NOTEBOOK],
+                 *_NOTEBOOK, *_SIM],
     },
 )
