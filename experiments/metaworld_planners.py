@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import metaworld_sim as ms
-from experiments.metaworld_policy import MotionPlan
+from experiments.metaworld_policy import MotionPlan, PlanUnavailable
 
 
 @dataclasses.dataclass
@@ -70,11 +70,11 @@ def sample_object_points(mask: np.ndarray, depth: np.ndarray, K: np.ndarray,
       (pixels float32[N 2], points float32[N 3] camera frame).
 
     Raises:
-      ValueError: the mask is empty (the object is not in view).
+      PlanUnavailable: the mask is empty (the object is not in view).
     """
     v, u = np.nonzero(mask)
     if len(u) == 0:
-        raise ValueError("the target object's mask is empty: the object is not in view")
+        raise PlanUnavailable("the target object's mask is empty: the object is not in view")
     pick = rng.integers(0, len(u), num)
     uv = np.stack([u[pick], v[pick]], -1) + rng.uniform(-0.5, 0.5, (num, 2))
     h, w = depth.shape
@@ -158,7 +158,7 @@ def fitted_plan(obs: dict[str, Any], pixels: np.ndarray, points: np.ndarray,
     key = jax.random.PRNGKey(key_seed)
     contact_cam, _, ok = sg.contact_point(obs["mask"], obs["depth"], K, key)
     if not bool(ok):
-        raise ValueError("no contact point: the object's mask has no valid depth")
+        raise PlanUnavailable("no contact point: the object's mask has no valid depth")
     if method == "flipjax":
         fit = geometry.fit_rigid_sequence(points[None], tracks[None], K, visible=visible[None],
                                           key=key, image_size=obs["depth"].shape)

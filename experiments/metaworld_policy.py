@@ -26,6 +26,10 @@ import numpy as np
 GRIP_CLOSE, GRIP_OPEN = 0.8, -0.8
 
 
+class PlanUnavailable(ValueError):
+    """The planner cannot plan from this frame (e.g. the object is hidden in the gripper)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class MotionPlan:
     """What a planner hands the controller (world frame, metres).
@@ -93,17 +97,26 @@ class ClosedLoopPolicy:
     def __init__(self, planner: Callable[[], MotionPlan], config: ControlConfig = ControlConfig()):
         self.planner, self.config = planner, config
         self.plans: list[MotionPlan] = []
+        self.failed_replans: list[str] = []
         self.grasped = False
         self.is_grasp = False
         self._replan(first=True)
 
     @property
     def replans(self) -> int:
-        """Replans made so far (the first plan is not a replan)."""
-        return len(self.plans) - 1
+        """Replans tried so far (the first plan is not a replan), failed ones included."""
+        return len(self.plans) - 1 + len(self.failed_replans)
 
     def _replan(self, first: bool = False) -> None:
-        plan = self.planner()
+        try:
+            plan = self.planner()
+        except PlanUnavailable as e:
+            if first:
+                raise
+            # Keep executing the current plan; the attempt still uses up a replan.
+            self.failed_replans.append(str(e))
+            self.still_steps = 0
+            return
         self.plans.append(plan)
         if first:
             self.is_grasp = bool(plan.is_grasp)
