@@ -100,7 +100,21 @@ TOY = Schema(
     intrinsics_key="episode_metadata/intrinsics",
 )
 
-SCHEMAS: dict[str, Schema] = {s.name: s for s in (BRIDGE_DATASET, BRIDGE_OXE, LIBERO, TOY)}
+METAWORLD = Schema(
+    # Meta-World expert demos (data_pipelines/metaworld.py): one camera per episode, exact
+    # geometry (segmentation holds MuJoCo body ids indexing object_poses).
+    name="metaworld",
+    cameras={"image": "steps/observation/image"},
+    default_camera="image",
+    language_key="steps/language_instruction",
+    depth_key="steps/observation/depth",
+    segmentation_key="steps/observation/segmentation",
+    object_poses_key="steps/observation/object_poses",
+    intrinsics_key="episode_metadata/intrinsics",
+)
+
+SCHEMAS: dict[str, Schema] = {s.name: s for s in (BRIDGE_DATASET, BRIDGE_OXE, LIBERO, TOY,
+                                                  METAWORLD)}
 
 
 def generic_schema(image_key: str, language_key: str | None,

@@ -76,7 +76,7 @@ def run_episode(task: str, camera: str, seed: int, planner_factory: Any, *,
     Args:
       task, camera, seed: what to evaluate.
       planner_factory: ``factory(scene) -> planner`` (``planner() -> MotionPlan``).
-      image_size: square frame size the planner sees.
+      image_size: square frame size the planner sees (model mode: the models' size).
       max_replans, plan_timeout: AVDC's replanning rule.
       video_every: keep a frame every this many steps (0: no video).
 
@@ -171,19 +171,20 @@ def markdown_table(summary: dict[str, Any], title: str) -> str:
 
 
 def planner_factory(mode: str, *, frames: int = 8, num_points: int = 500,
-                    model_options: dict[str, Any] | None = None) -> Any:
-    """``factory(scene) -> planner`` for ``mode`` (see the module docstring)."""
+                    model_options: dict[str, Any] | None = None) -> tuple[Any, int | None]:
+    """(``factory(scene) -> planner``, the frame size the planner needs or None) for ``mode``
+    (see the module docstring)."""
     from experiments import metaworld_planners as mp
 
     if mode in ("oracle", "avdc"):
         method = "flipjax" if mode == "oracle" else "avdc"
-        return lambda scene: mp.oracle_planner(scene, method=method, frames=frames,
-                                               num_points=num_points)
+        return (lambda scene: mp.oracle_planner(scene, method=method, frames=frames,
+                                                num_points=num_points)), None
     if mode == "model":
         from experiments.metaworld_model import ModelPlanner
 
         shared = ModelPlanner(**(model_options or {}))
-        return shared.for_scene
+        return shared.for_scene, shared.image_size
     raise ValueError(f"--mode must be one of {list(MODES)}, got {mode!r}")
 
 
@@ -199,8 +200,14 @@ def evaluate(mode: str, tasks: Sequence[str], cameras: Sequence[str], seeds: Seq
     """
     from tqdm import tqdm
 
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    factory, needed_size = planner_factory(mode, frames=frames, num_points=num_points,
+                                           model_options=model_options)
+    # The models see frames of their own size; depth, mask and K follow the frames.
+    image_size = needed_size or image_size
     settings = {"mode": mode, "tasks": list(tasks), "cameras": list(cameras),
                 "seeds": list(seeds), "image_size": image_size, "frames": frames,
                 "num_points": num_points, "max_replans": max_replans,
@@ -221,8 +228,6 @@ def evaluate(mode: str, tasks: Sequence[str], cameras: Sequence[str], seeds: Seq
             done[(r["task"], r["camera"], r["seed"])] = r
     else:
         log.write_text(json.dumps({"settings": settings}) + "\n")
-    factory = planner_factory(mode, frames=frames, num_points=num_points,
-                              model_options=model_options)
     video_dir = out.parent / f"{out.stem}_videos"
     jobs = [(t, c, s) for t in tasks for c in cameras for s in seeds]
     start = time.perf_counter()

@@ -90,7 +90,8 @@ class ModelPlanner:
         if not obs["mask"].any():
             raise PlanUnavailable(f"{scene.task}: the target object is not in view of "
                                   f"{scene.camera}")
-        history = np.repeat(obs["image"][None, None], self.world.history_frames, axis=1)
+        frame = obs["image"].astype(np.float32) / 127.5 - 1.0  # flipjax frames: [-1, 1]
+        history = np.repeat(frame[None, None], self.world.history_frames, axis=1)
         tokens, mask = self.encoder.encode([ms.INSTRUCTIONS[scene.task]])
         self.calls += 1
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), self.calls)

@@ -63,6 +63,10 @@ def sample_object_points(mask: np.ndarray, depth: np.ndarray, K: np.ndarray,
     """AVDC's object samples: ``num`` mask pixels (with replacement, jittered within the pixel)
     lifted to the camera frame with bilinear depth.
 
+    Unlike AVDC, the depth is interpolated over the object's own pixels only (the weights of
+    the neighbours outside the mask are dropped): at the silhouette AVDC's interpolation mixes
+    in the background and lifts points into empty space.
+
     Args:
       mask: bool[H W]; depth: float[H W] metres; K: float[3 3]; rng: generator; num: N.
 
@@ -81,8 +85,14 @@ def sample_object_points(mask: np.ndarray, depth: np.ndarray, K: np.ndarray,
     x0 = np.clip(np.floor(uv[:, 0]).astype(int), 0, w - 2)
     y0 = np.clip(np.floor(uv[:, 1]).astype(int), 0, h - 2)
     fx, fy = np.clip(uv[:, 0] - x0, 0, 1), np.clip(uv[:, 1] - y0, 0, 1)
-    z = (depth[y0, x0] * (1 - fx) * (1 - fy) + depth[y0, x0 + 1] * fx * (1 - fy)
-         + depth[y0 + 1, x0] * (1 - fx) * fy + depth[y0 + 1, x0 + 1] * fx * fy)
+    num_z, den = np.zeros(num), np.zeros(num)
+    for dx, dy, wt in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
+                       (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        # The sampled pixel is always one of the four corners, so den > 0.
+        wt = wt * mask[y0 + dy, x0 + dx]
+        num_z += wt * depth[y0 + dy, x0 + dx]
+        den += wt
+    z = num_z / np.maximum(den, 1e-12)
     xyz = np.stack([(uv[:, 0] - K[0, 2]) * z / K[0, 0], (uv[:, 1] - K[1, 2]) * z / K[1, 1], z], -1)
     return uv.astype(np.float32), xyz.astype(np.float32)
 
