@@ -80,6 +80,21 @@ def check_camera(camera: str) -> str:
     return camera
 
 
+def parse_range(text: str) -> list[int]:
+    """``"0-4,7"`` -> ``[0, 1, 2, 3, 4, 7]`` (empty text -> ``[]``)."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, sep, hi = part.partition("-")
+        try:
+            values = range(int(lo), int(hi) + 1) if sep else [int(part)]
+        except ValueError as e:
+            raise ValueError(f"bad range {part!r} in {text!r}; expected e.g. '0-4,7'") from e
+        if sep and int(hi) < int(lo):
+            raise ValueError(f"empty range {part!r} in {text!r}")
+        out.extend(values)
+    return out
+
+
 def make_env(task: str, seed: int, *, shadow_size: int = 256) -> Any:
     """A goal-observable Meta-World v3 environment of ``task``, reset with ``seed``.
 

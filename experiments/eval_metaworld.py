@@ -49,22 +49,13 @@ def parse_list(value: str, allowed: Sequence[str], what: str) -> list[str]:
 
 
 def parse_seeds(value: str) -> list[int]:
-    """Seeds like "0-4,7" -> [0, 1, 2, 3, 4, 7]."""
-    seeds: list[int] = []
+    """Seeds like "0-4,7" -> [0, 1, 2, 3, 4, 7] (ValueError naming --seeds when bad)."""
     try:
-        for part in value.split(","):
-            part = part.strip()
-            if "-" in part:
-                lo, hi = (int(p) for p in part.split("-"))
-                if hi < lo:
-                    raise ValueError
-                seeds.extend(range(lo, hi + 1))
-            elif part:
-                seeds.append(int(part))
-    except ValueError:
-        raise ValueError(f"--seeds: expected a list like '0-4,7', got {value!r}") from None
+        seeds = ms.parse_range(value)
+    except ValueError as e:
+        raise ValueError(f"--seeds: {e}") from None
     if not seeds or min(seeds) < 0:
-        raise ValueError(f"--seeds: expected non-negative seeds, got {value!r}")
+        raise ValueError(f"--seeds: expected non-negative seeds like '0-4,7', got {value!r}")
     return sorted(set(seeds))
 
 

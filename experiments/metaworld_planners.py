@@ -22,6 +22,7 @@ turned into a rigid motion:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -58,17 +59,19 @@ class Scene:
 
 
 def sample_object_points(mask: np.ndarray, depth: np.ndarray, K: np.ndarray,
-                         rng: np.random.Generator, num: int = 500
-                         ) -> tuple[np.ndarray, np.ndarray]:
+                         rng: np.random.Generator, num: int = 500, *,
+                         object_depth_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """AVDC's object samples: ``num`` mask pixels (with replacement, jittered within the pixel)
     lifted to the camera frame with bilinear depth.
 
-    Unlike AVDC, the depth is interpolated over the object's own pixels only (the weights of
-    the neighbours outside the mask are dropped): at the silhouette AVDC's interpolation mixes
-    in the background and lifts points into empty space.
+    With ``object_depth_only`` (flipjax; False is AVDC's code) the depth is interpolated over
+    the object's own pixels only (the weights of the neighbours outside the mask are dropped):
+    at the silhouette AVDC's interpolation mixes in the background and lifts points into empty
+    space.
 
     Args:
-      mask: bool[H W]; depth: float[H W] metres; K: float[3 3]; rng: generator; num: N.
+      mask: bool[H W]; depth: float[H W] metres; K: float[3 3]; rng: generator; num: N;
+      object_depth_only: see above.
 
     Returns:
       (pixels float32[N 2], points float32[N 3] camera frame).
@@ -89,7 +92,8 @@ def sample_object_points(mask: np.ndarray, depth: np.ndarray, K: np.ndarray,
     for dx, dy, wt in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
                        (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
         # The sampled pixel is always one of the four corners, so den > 0.
-        wt = wt * mask[y0 + dy, x0 + dx]
+        if object_depth_only:
+            wt = wt * mask[y0 + dy, x0 + dx]
         num_z += wt * depth[y0 + dy, x0 + dx]
         den += wt
     z = num_z / np.maximum(den, 1e-12)
@@ -113,7 +117,11 @@ def expert_body_poses(scene: Scene, *, extra_steps: int = 10, max_steps: int = 3
     poses = [ms.body_poses(twin.data)[body]]
     done_at = None
     for t in range(max_steps):
-        obs, _, _, truncated, info = twin.step(policy.get_action(obs))
+        with warnings.catch_warnings():
+            # The experts' gains exceed the action range on purpose; the env clips.
+            warnings.filterwarnings("ignore", message="Constant", category=UserWarning)
+            action = policy.get_action(obs)
+        obs, _, _, truncated, info = twin.step(action)
         poses.append(ms.body_poses(twin.data)[body])
         if done_at is None and info["success"]:
             done_at = t
@@ -211,7 +219,8 @@ def oracle_planner(scene: Scene, *, method: str = "flipjax", frames: int = 8,
         obs = scene.observe()
         rng = np.random.default_rng([scene.seed, counter[0]])
         pixels, points = sample_object_points(obs["mask"], obs["depth"], obs["K"], rng,
-                                              num_points)
+                                              num_points,
+                                              object_depth_only=method == "flipjax")
         tracks, visible = oracle_tracks(scene, obs, points, frames)
         return fitted_plan(obs, pixels, points, tracks, visible, method=method,
                            key_seed=int(rng.integers(2**31)))

@@ -21,6 +21,7 @@ require_sim()
 import mujoco  # noqa: E402 (after require_sim: skipped without the sim extra)
 
 from data_pipelines import metaworld as mw  # noqa: E402
+from data_pipelines import metaworld_demos  # noqa: E402
 from data_pipelines.build_clips import BuildOptions, build_clips  # noqa: E402
 from data_pipelines.loader import ClipDataset  # noqa: E402
 from data_pipelines.rlds import open_builder, read_episodes  # noqa: E402
@@ -248,12 +249,12 @@ def test_other_settings_are_refused(built):
 @pytest.mark.parametrize("text, want", [("0-4,7", [0, 1, 2, 3, 4, 7]), ("5", [5]), ("", []),
                                         (" 2-3 , 9 ", [2, 3, 9])])
 def test_parse_range(text, want):
-    assert mw.parse_range(text) == want
+    assert sim.parse_range(text) == want
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: mw.parse_range("3-1"), "empty range"),
-    (lambda: mw.parse_range("a-b"), "bad range"),
+    (lambda: sim.parse_range("3-1"), "empty range"),
+    (lambda: sim.parse_range("a-b"), "bad range"),
     (lambda: mw.render_demo("door-opn", 0, ["corner"]), "unknown Meta-World task"),
     (lambda: mw.render_demo("door-open", 0, ["top"]), "unknown camera"),
     (lambda: mw.render_demo("door-open", 0, ["corner"], max_steps=501), "max_steps"),
@@ -274,7 +275,7 @@ def test_body_point_tracks_known_answer():
     poses[1:, 1, 0, 3] = 0.1
     depth = np.ones((3, 32, 32), np.float32)
     depth[2] = 0.5
-    tracks, visible = mw.body_point_tracks(np.zeros((2, 3)), np.array([1, -1]), poses, depth, K)
+    tracks, visible = metaworld_demos.body_point_tracks(np.zeros((2, 3)), np.array([1, -1]), poses, depth, K)
     np.testing.assert_allclose(tracks[:, 0], [[15.5, 15.5], [25.5, 15.5], [25.5, 15.5]])
     np.testing.assert_array_equal(visible, [[True, False], [True, False], [False, False]])
     assert np.isnan(tracks[:, 1]).all()
