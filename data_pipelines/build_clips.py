@@ -483,7 +483,8 @@ def _flags() -> Any:
     f = flags
     f.DEFINE_string("rlds_dir", None, "Prepared RLDS directory DIR/name/version.")
     f.DEFINE_string("out", None, "Output directory for clip shards and manifest.json.")
-    f.DEFINE_string("schema", "bridge_dataset", "bridge_dataset | bridge | libero | toy | generic")
+    f.DEFINE_string("schema", "bridge_dataset",
+                    "bridge_dataset | bridge | libero | toy | metaworld | generic")
     f.DEFINE_string("split", "train", "Split to convert.")
     f.DEFINE_string("camera", None, "Camera name (schema default when unset).")
     f.DEFINE_list("size", ["128", "128"], "Output frame size H,W (one value: square).")
