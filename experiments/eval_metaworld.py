@@ -10,8 +10,9 @@ and replans from the current frame after 15 steps without hand motion (at most 5
 episode succeeds if any step reports ``info["success"]`` within Meta-World's 500 steps.
 
 Modes (``experiments.metaworld_planners``): ``oracle`` (the simulator's own future object motion,
-flipjax's fit: geometry + controller, the upper bound), ``avdc`` (the same motion, AVDC's own
-fitting and grasp test), ``model`` (a flipjax world model plans flows from the frame and the
+flipjax's fit, grasp test and controller: geometry + controller, the upper bound), ``avdc`` (the
+same motion through AVDC's own pipeline: its depth sampling, chained fit, grasp test and
+controller constants), ``model`` (a flipjax world model plans flows from the frame and the
 instruction; give ``--runs`` as for ``experiments.plan``).
 
 Writes ``--out`` (JSON: ``overall_success_rate``, per task, per camera and per task/camera
@@ -61,7 +62,8 @@ def parse_seeds(value: str) -> list[int]:
 
 def run_episode(task: str, camera: str, seed: int, planner_factory: Any, *,
                 image_size: int = 128, max_replans: int = 5, plan_timeout: int = 15,
-                video_every: int = 0) -> tuple[dict[str, Any], list[np.ndarray]]:
+                video_every: int = 0, avdc_controller: bool = False
+                ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """One closed-loop episode.
 
     Args:
@@ -70,6 +72,8 @@ def run_episode(task: str, camera: str, seed: int, planner_factory: Any, *,
       image_size: square frame size the planner sees (model mode: the models' size).
       max_replans, plan_timeout: AVDC's replanning rule.
       video_every: keep a frame every this many steps (0: no video).
+      avdc_controller: AVDC's controller constants instead of flipjax's
+        (``ControlConfig.avdc()``).
 
     Returns:
       (record: success, steps, first_success_step, replans, is_grasp, plan diagnostics and
@@ -86,7 +90,8 @@ def run_episode(task: str, camera: str, seed: int, planner_factory: Any, *,
     try:
         scene.twin = ms.make_env(task, seed)
         try:
-            policy = ClosedLoopPolicy(planner_factory(scene), ControlConfig(
+            make = ControlConfig.avdc if avdc_controller else ControlConfig
+            policy = ClosedLoopPolicy(planner_factory(scene), make(
                 plan_timeout=plan_timeout, max_replans=max_replans))
         except PlanUnavailable as e:  # no first plan: the episode fails without moving
             return ({"task": task, "camera": camera, "seed": seed, "success": False,
@@ -231,7 +236,8 @@ def evaluate(mode: str, tasks: Sequence[str], cameras: Sequence[str], seeds: Seq
         filmed = sum(1 for r in records if r["task"] == task and r.get("video"))
         record, film = run_episode(task, camera, seed, factory, image_size=image_size,
                                    max_replans=max_replans, plan_timeout=plan_timeout,
-                                   video_every=2 if filmed < videos else 0)
+                                   video_every=2 if filmed < videos else 0,
+                                   avdc_controller=mode == "avdc")
         if film:
             import imageio.v2 as imageio
 

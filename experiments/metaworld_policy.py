@@ -9,10 +9,15 @@ it closed (push), 4. through the waypoints, each reached within 4 cm (grasp) or 
 5. hold the last waypoint. When the hand has not moved (< 1 mm) for ``plan_timeout`` steps in
 total since the last plan, it replans from the current frame, at most ``max_replans`` times.
 
-Departures from AVDC's code, on purpose: the grasp/push mode of a replan is kept from the first
-plan as AVDC does, but a grasp that is already closed stays closed through the replan (AVDC's
-code also keeps it, by not resetting the flag); the stall counter counts the steps since the
-last plan (AVDC decrements one counter that a replan resets, the same thing).
+:class:`ControlConfig` defaults differ from AVDC's constants (``ControlConfig.avdc()``) in two
+grasp settings, chosen on seeds 10-14 (not the evaluation seeds 0-4) with oracle motion: the
+gripper closes within 4 cm of the grasp point instead of 8 cm (it closed on the top of the ball
+and lost it), and the hand holds still for 10 steps while the fingers close before it lifts
+(AVDC lifts at once). On seeds 10-14 of the four grasp tasks: 50/60 successes against 44/60.
+
+As in AVDC's code, the grasp/push mode of a replan is kept from the first plan and a grasp that
+is already closed stays closed through a replan; the stall counter counts still steps since the
+last plan (not the settling steps).
 """
 
 from __future__ import annotations
@@ -69,6 +74,10 @@ class ControlConfig:
       gain: proportional gain from position error (m) to action (about 1 cm per unit).
       approach_height: the hand first goes this far above the pre-contact point.
       xy_tolerance, z_tolerance: pre-contact reached (horizontal, vertical).
+      close_height: a grasp closes the gripper once the hand is this close (vertically) to
+        the pre-contact point on its way down.
+      settle_steps: after reaching the pre-contact point, a grasp holds there this many steps
+        (the fingers take several steps to close) before following the waypoints.
       grasp_precision, push_precision: a waypoint counts as reached within this distance.
       still_tolerance: a step moving the hand less than this counts as still.
       plan_timeout: still steps since the last plan that trigger a replan.
@@ -79,11 +88,18 @@ class ControlConfig:
     approach_height: float = 0.2
     xy_tolerance: float = 0.02
     z_tolerance: float = 0.04
+    close_height: float = 0.04
+    settle_steps: int = 10
     grasp_precision: float = 0.04
     push_precision: float = 0.12
     still_tolerance: float = 1e-3
     plan_timeout: int = 15
     max_replans: int = 5
+
+    @classmethod
+    def avdc(cls, **overrides: Any) -> ControlConfig:
+        """AVDC's own constants (close at 8 cm, no settling), with ``overrides``."""
+        return cls(**{"close_height": 0.08, "settle_steps": 0, **overrides})
 
 
 class ClosedLoopPolicy:
@@ -100,6 +116,7 @@ class ClosedLoopPolicy:
         self.failed_replans: list[str] = []
         self.grasped = False
         self.is_grasp = False
+        self.settle = 0
         self._replan(first=True)
 
     @property
@@ -135,6 +152,10 @@ class ClosedLoopPolicy:
             if abs(hand[2] - self.pre_contact[2]) > c.z_tolerance:
                 return self.pre_contact
             self.grasped = True
+            self.settle = self.config.settle_steps if self.is_grasp else 0
+            return self.pre_contact
+        if self.settle > 0:
+            self.settle -= 1
             return self.pre_contact
         precision = c.grasp_precision if self.is_grasp else c.push_precision
         if np.linalg.norm(hand - self.waypoints[0]) > precision:
@@ -151,13 +172,15 @@ class ClosedLoopPolicy:
                              f"{list(obs.shape)}")
         hand = obs[:3]
         c = self.config
-        if self.last_hand is not None and np.linalg.norm(hand - self.last_hand) < c.still_tolerance:
+        still = (self.last_hand is not None
+                 and np.linalg.norm(hand - self.last_hand) < c.still_tolerance)
+        if still and self.settle == 0:  # holding still on purpose is not a stall
             self.still_steps += 1
         self.last_hand = hand.copy()
         if self.still_steps >= c.plan_timeout and self.replans < c.max_replans:
             self._replan()
         target = self._target(hand)
-        near = abs(hand[2] - self.pre_contact[2]) < 2 * c.z_tolerance
+        near = abs(hand[2] - self.pre_contact[2]) < c.close_height
         close = self.grasped or not self.is_grasp or near
         grip = GRIP_CLOSE if close else GRIP_OPEN
         move = np.clip((target - hand) * c.gain, -1.0, 1.0)

@@ -6,6 +6,11 @@ contact point moved by the fitted transforms; the task is a grasp when the large
 displacement between consecutive subgoals (world frame) exceeds 10 cm, otherwise a push, for
 which the gripper starts behind the object along the push direction.
 
+By default flipjax judges the lift by the contact point's rise above its start instead
+(``ManipulationConfig.grasp_test="rise"``): AVDC's per-step test depends on how finely the
+motion is sampled (a hammer lifted 12 cm over 8 frames never rises 10 cm in one step, so AVDC
+pushes it), the rise does not; ``grasp_test="step"`` is AVDC's rule.
+
 Differences from AVDC's code, on purpose: the vertical test uses every consecutive pair (AVDC
 slices ``[1:-2]``, skipping the first and last step); an empty mask returns ``valid=False``
 instead of silently sampling the background.
@@ -119,8 +124,9 @@ class ManipulationConfig:
     """AVDC's constants for turning subgoals into a manipulation plan (world frame, metres).
 
     Attributes:
-      grasp_lift_threshold: a step that moves the contact point vertically by more than this
-        means the object is lifted: grasp, else push.
+      grasp_lift_threshold: a lift above this means grasp, else push (see ``grasp_test``).
+      grasp_test: "rise" (the contact point's highest point above its start, frame-rate
+        independent) or "step" (AVDC: its largest vertical move between consecutive subgoals).
       push_min_distance: the push direction is taken towards the first subgoal at least this
         far (horizontally) from the contact point (the last subgoal if none is).
       push_backoff: the pre-contact point starts this far behind the contact point.
@@ -130,6 +136,7 @@ class ManipulationConfig:
     """
 
     grasp_lift_threshold: float = 0.10
+    grasp_test: str = "rise"
     push_min_distance: float = 0.10
     push_backoff: float = 0.08
     push_lower: float = 0.03
@@ -139,12 +146,14 @@ class ManipulationConfig:
 
 class ManipulationPlan(NamedTuple):
     """Attributes: is_grasp bool[]; pre_contact float[3] (where the gripper goes first);
-    waypoints float[T 3] (adjusted subgoals); max_vertical_step float[] (metres)."""
+    waypoints float[T 3] (adjusted subgoals); max_vertical_step float[] and max_rise float[]
+    (metres: the two lift measures of ``ManipulationConfig.grasp_test``)."""
 
     is_grasp: Array
     pre_contact: Array
     waypoints: Array
     max_vertical_step: Array
+    max_rise: Array
 
 
 def plan_manipulation(contact_world: ArrayLike, subgoals_world: ArrayLike,
@@ -167,8 +176,11 @@ def plan_manipulation(contact_world: ArrayLike, subgoals_world: ArrayLike,
     up = config.up_axis
     if up not in (0, 1, 2):
         raise ValueError(f"up_axis must be 0, 1 or 2, got {up}")
+    if config.grasp_test not in ("rise", "step"):
+        raise ValueError(f"grasp_test must be 'rise' or 'step', got {config.grasp_test!r}")
     max_dz = jnp.max(jnp.abs(jnp.diff(s[:, up])))
-    is_grasp = max_dz > config.grasp_lift_threshold
+    rise = jnp.max(s[:, up] - s[0, up])
+    is_grasp = (rise if config.grasp_test == "rise" else max_dz) > config.grasp_lift_threshold
     up_vec = jnp.zeros(3).at[up].set(1.0)
     horiz = lambda v: v - jnp.sum(v * up_vec, -1, keepdims=True) * up_vec
     offsets = horiz(s - c)
@@ -180,4 +192,4 @@ def plan_manipulation(contact_world: ArrayLike, subgoals_world: ArrayLike,
     raise_all = jnp.where(jnp.arange(s.shape[0])[:, None] < s.shape[0] - 1,
                           config.grasp_raise * up_vec, 0.0)
     waypoints = jnp.where(is_grasp, s + raise_all, s - config.push_lower * up_vec)
-    return ManipulationPlan(is_grasp, pre_contact, waypoints, max_dz)
+    return ManipulationPlan(is_grasp, pre_contact, waypoints, max_dz, rise)

@@ -55,6 +55,21 @@ def test_grasp_when_lifted_more_than_10cm():
     np.testing.assert_allclose(plan.waypoints[-1], s[-1], atol=1e-6)
 
 
+def test_a_gradual_lift_is_a_grasp_by_rise_and_a_push_by_avdcs_step_test():
+    # Lifted 16 cm in four 4 cm steps: no single step exceeds 10 cm.
+    s = jnp.array([[0.0, 0.5, 0.1 + 0.04 * k] for k in range(5)] + [[0.2, 0.5, 0.26]])
+    rise = subgoals.plan_manipulation(s[0], s)
+    assert bool(rise.is_grasp) and float(rise.max_rise) == pytest.approx(0.16, abs=1e-6)
+    step = subgoals.plan_manipulation(s[0], s, subgoals.ManipulationConfig(grasp_test="step"))
+    assert not bool(step.is_grasp) and float(step.max_vertical_step) == pytest.approx(0.04,
+                                                                                      abs=1e-6)
+    # Pressing down (a handle, a top-down button) is never a lift.
+    down = s.at[:, 2].set(0.3 - (s[:, 2] - 0.1))
+    assert not bool(subgoals.plan_manipulation(down[0], down).is_grasp)
+    with pytest.raises(ValueError, match="grasp_test"):
+        subgoals.plan_manipulation(s[0], s, subgoals.ManipulationConfig(grasp_test="z"))
+
+
 def test_push_backs_off_behind_the_object():
     s = _lift_path(0.05)
     plan = subgoals.plan_manipulation(s[0], s)
