@@ -46,7 +46,7 @@ from data_pipelines.metaworld_demos import (
     library_loaded,
     render_demo,
 )
-from data_pipelines.rlds_writer import write_rlds
+from data_pipelines.rlds_writer import step_features, write_rlds
 
 NAME, VERSION = "metaworld", "1.0.0"
 CACHE_DIR = "metaworld_cache"
@@ -178,13 +178,7 @@ def features(image_size: int, num_points: int) -> Any:
                 "gripper_tracks": f.Tensor(shape=(p, 2), dtype=np.float32),
                 "gripper_visible": f.Tensor(shape=(p,), dtype=np.bool_),
             }),
-            "action": f.Tensor(shape=(4,), dtype=np.float32),
-            "language_instruction": f.Text(),
-            "reward": f.Scalar(dtype=np.float32),
-            "discount": f.Scalar(dtype=np.float32),
-            "is_first": f.Scalar(dtype=np.bool_),
-            "is_last": f.Scalar(dtype=np.bool_),
-            "is_terminal": f.Scalar(dtype=np.bool_),
+            **step_features(4),
         }),
         "episode_metadata": f.FeaturesDict({
             "episode_id": f.Scalar(dtype=np.int64),

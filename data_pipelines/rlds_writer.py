@@ -16,6 +16,24 @@ from typing import Any
 Episode = Mapping[str, Any]
 
 
+def step_features(action_dim: int) -> dict[str, Any]:
+    """The RLDS step fields every flipjax dataset shares (all but ``observation``): action,
+    instruction, reward, discount and the episode-boundary flags, as tfds features."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    f = tfds.features
+    return {
+        "action": f.Tensor(shape=(action_dim,), dtype=np.float32),
+        "language_instruction": f.Text(),
+        "reward": f.Scalar(dtype=np.float32),
+        "discount": f.Scalar(dtype=np.float32),
+        "is_first": f.Scalar(dtype=np.bool_),
+        "is_last": f.Scalar(dtype=np.bool_),
+        "is_terminal": f.Scalar(dtype=np.bool_),
+    }
+
+
 def write_rlds(
     data_dir: str | Path,
     name: str,

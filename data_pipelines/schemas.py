@@ -100,18 +100,9 @@ TOY = Schema(
     intrinsics_key="episode_metadata/intrinsics",
 )
 
-METAWORLD = Schema(
-    # Meta-World expert demos (data_pipelines/metaworld.py): one camera per episode, exact
-    # geometry (segmentation holds MuJoCo body ids indexing object_poses).
-    name="metaworld",
-    cameras={"image": "steps/observation/image"},
-    default_camera="image",
-    language_key="steps/language_instruction",
-    depth_key="steps/observation/depth",
-    segmentation_key="steps/observation/segmentation",
-    object_poses_key="steps/observation/object_poses",
-    intrinsics_key="episode_metadata/intrinsics",
-)
+# Meta-World expert demos (data_pipelines/metaworld.py): the toy world's layout, one camera per
+# episode; segmentation holds MuJoCo body ids indexing object_poses.
+METAWORLD = dataclasses.replace(TOY, name="metaworld")
 
 SCHEMAS: dict[str, Schema] = {s.name: s for s in (BRIDGE_DATASET, BRIDGE_OXE, LIBERO, TOY,
                                                   METAWORLD)}

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from data_pipelines.rlds_writer import write_rlds
+from data_pipelines.rlds_writer import step_features, write_rlds
 from data_pipelines.toy_tasks import ToyEpisode, episode_rng, sample_episode
 from data_pipelines.toy_world import ToyConfig, camera_poses, render_rgb_uint8
 
@@ -42,13 +42,7 @@ def features(config: ToyConfig) -> Any:
                 "object_poses": f.Tensor(shape=(None, 4, 4), dtype=np.float32, encoding="zlib"),
                 "state": f.Tensor(shape=(4,), dtype=np.float32),
             }),
-            "action": f.Tensor(shape=(4,), dtype=np.float32),
-            "language_instruction": f.Text(),
-            "reward": f.Scalar(dtype=np.float32),
-            "discount": f.Scalar(dtype=np.float32),
-            "is_first": f.Scalar(dtype=np.bool_),
-            "is_last": f.Scalar(dtype=np.bool_),
-            "is_terminal": f.Scalar(dtype=np.bool_),
+            **step_features(4),
         }),
         "episode_metadata": f.FeaturesDict({
             "episode_id": f.Scalar(dtype=np.int64),
