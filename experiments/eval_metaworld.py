@@ -219,9 +219,16 @@ def evaluate(mode: str, tasks: Sequence[str], cameras: Sequence[str], seeds: Seq
             bad = [k for k, ok in same.items() if not ok]
             raise ValueError(f"{log} holds episodes run with other settings ({bad}); use "
                              "another --out or delete it")
-        for line in lines[1:]:
-            r = json.loads(line)
-            done[(r["task"], r["camera"], r["seed"])] = r
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                r = json.loads(line)
+                done[(r["task"], r["camera"], r["seed"])] = r
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                if number == len(lines):  # cut short by an interruption: drop, run again
+                    log.write_text("\n".join(lines[:-1]) + "\n")
+                    continue
+                raise ValueError(f"{log}, line {number}: not an episode record ({e}); "
+                                 "fix or delete the file") from None
     else:
         log.write_text(json.dumps({"settings": settings}) + "\n")
     video_dir = out.parent / f"{out.stem}_videos"

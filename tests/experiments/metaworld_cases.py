@@ -87,6 +87,17 @@ def cli_writes_results_and_resumes(tmp_path: str):
     again = ev.evaluate("oracle", ["button-press"], ["corner3"], [1], out, progress=False)
     assert out.with_suffix(".episodes.jsonl").read_text() == log
     assert again["episode_seconds_total"] == result["episode_seconds_total"]
+    # A record cut short by an interruption is run again; a damaged earlier line is named.
+    log_path = out.with_suffix(".episodes.jsonl")
+    log_path.write_text(log + '{"task": "button-pr')
+    assert ev.evaluate("oracle", ["button-press"], ["corner3"], [1], out,
+                       progress=False)["episodes"] == 1
+    assert [json.loads(x)["seed"] for x in log_path.read_text().splitlines()[1:]] == [1]
+    lines = log.splitlines()
+    log_path.write_text("\n".join([lines[0], "{oops", lines[1]]) + "\n")
+    with pytest.raises(ValueError, match="line 2: not an episode record"):
+        ev.evaluate("oracle", ["button-press"], ["corner3"], [1], out, progress=False)
+    log_path.write_text(log)
     with pytest.raises(ValueError, match=r"other settings.*frames"):
         ev.evaluate("oracle", ["button-press"], ["corner3"], [1], out, frames=4, progress=False)
     with pytest.raises(ValueError, match="mode must be one of"):
