@@ -541,6 +541,13 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
                      "(%d problems x %d searches in %.1fs)", n - len(todo) + done, n, done,
                      len(idx) * len(searches) / secs, len(idx), len(searches), secs)
     summary = summarize(workdir, n)
+    from flipjax.planning.diagnostics import candidate_spread
+
+    rows = np.arange(min(n, int(config.problem_batch)))  # value guidance needs them to differ
+    spread = candidate_spread(world, history[rows], problems.queries[rows],
+                              problems.text_tokens[rows], problems.text_mask[rows],
+                              jax.random.PRNGKey(int(config.seed)), int(config.candidates))
+    summary.update({f"candidate_{k}": float(v) for k, v in spread.items()})
     calls = [t for ts in timings.values() for t in ts]
     # The first call of each search compiles it; later calls show the steady-state rate.
     steady = [t for ts in timings.values() for t in ts[1:]]

@@ -87,6 +87,8 @@ def test_cli_writes_plans_media_and_summary(planned):
     assert summary["scripted_success_rate"] == 1.0
     assert 0.0 <= summary["success_rate_scripted_plan"] <= 1.0
     assert summary["settings"]["beams"] == BEAMS
+    # Random-init CVAE: its latent moves the flows, so its candidates differ.
+    assert summary["candidate_spread_px"] > 0 and summary["candidate_displacement_px"] > 0
 
 
 def test_written_plans_keep_the_search_invariants(planned, runs):

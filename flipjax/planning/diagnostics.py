@@ -1,0 +1,46 @@
+"""How different the action module's candidates are: the precondition of value guidance.
+
+Value-guided search can only beat a random candidate (FLIP-NV) when the candidates differ. A
+CVAE whose decoder ignores its latent proposes the same flow A times, and then every planner
+that picks among them plans the same thing.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flipjax import shapes
+from flipjax.planning.world_model import WorldModel
+from flipjax.typing import Array, ArrayLike, PRNGKey
+
+
+def candidate_spread(wm: WorldModel, history: ArrayLike, queries: ArrayLike,
+                     text_tokens: ArrayLike, text_mask: ArrayLike, key: PRNGKey,
+                     candidates: int = 4) -> dict[str, Array]:
+    """Mean pairwise distance between ``candidates`` prior samples of the action module.
+
+    Args:
+      wm: the world model (its ``propose``).
+      history: float[P Th H W 3] frames in [-1, 1] (Th = ``wm.history_frames``).
+      queries: float[P N 2] query pixels.
+      text_tokens: float[P Lt D]; text_mask: bool[P Lt].
+      key: PRNG key; candidate a uses ``fold_in(key, a)``.
+      candidates: A >= 2 samples per problem.
+
+    Returns:
+      {"spread_px": float[] mean over problems, queries, steps and candidate pairs of the
+       distance between two candidates' tracks; "displacement_px": float[] mean distance a
+       query moves from step 0 to the last step, for scale}.
+    """
+    dims = shapes.check(jnp.asarray(history), "history", "P T H W 3", dtype="float")
+    shapes.check(jnp.asarray(queries), "queries", "P N 2", dims, dtype="float")
+    if candidates < 2:
+        raise ValueError(f"candidates must be >= 2 to compare them, got {candidates}")
+    flows = jnp.stack([wm.propose(wm.action_params, history, queries, text_tokens, text_mask,
+                                  jax.random.fold_in(key, a)) for a in range(candidates)])
+    pairs = [(i, j) for i in range(candidates) for j in range(i + 1, candidates)]
+    spread = jnp.mean(jnp.stack([jnp.linalg.norm(flows[i] - flows[j], axis=-1).mean()
+                                 for i, j in pairs]))
+    displacement = jnp.linalg.norm(flows[..., -1, :] - flows[..., 0, :], axis=-1).mean()
+    return {"spread_px": spread, "displacement_px": displacement}
