@@ -168,14 +168,13 @@ def _avdc_is_grasp(subgoals_world: np.ndarray) -> bool:
     return bool(steps.size and steps.max() > 0.1)
 
 
-def fitted_plan(obs: dict[str, Any], pixels: np.ndarray, points: np.ndarray,
-                tracks: np.ndarray, visible: np.ndarray, *, method: str, key_seed: int
-                ) -> MotionPlan:
+def fitted_plan(obs: dict[str, Any], points: np.ndarray, tracks: np.ndarray,
+                visible: np.ndarray, *, method: str, key_seed: int) -> MotionPlan:
     """Rigid motion of the tracks -> subgoals of the contact point -> :class:`MotionPlan`.
 
     Args:
       obs: :meth:`Scene.observe` output of the current frame.
-      pixels, points: float[N 2] / float[N 3] the tracked object samples (frame 0).
+      points: float[N 3] the tracked object samples at frame 0 (camera frame).
       tracks, visible: float[T N 2] / bool[T N].
       method: "flipjax" (robust direct fit) or "avdc" (AVDC's chained fit and grasp test).
       key_seed: seed of the fit's hypotheses and the contact-point samples.
@@ -204,7 +203,6 @@ def fitted_plan(obs: dict[str, Any], pixels: np.ndarray, points: np.ndarray,
         info = {}
     else:
         raise ValueError(f"method must be 'flipjax' or 'avdc', got {method!r}")
-    del pixels
     world = obs["world_from_camera"]
     sub_cam = transforms[:, :3, :3] @ np.asarray(contact_cam, np.float64) + transforms[:, :3, 3]
     sub_world = sub_cam @ world[:3, :3].T + world[:3, 3]
@@ -232,11 +230,10 @@ def oracle_planner(scene: Scene, *, method: str = "flipjax", frames: int = 8,
         counter[0] += 1
         obs = scene.observe()
         rng = np.random.default_rng([scene.seed, counter[0]])
-        pixels, points = sample_object_points(obs["mask"], obs["depth"], obs["K"], rng,
-                                              num_points,
-                                              object_depth_only=method == "flipjax")
+        _, points = sample_object_points(obs["mask"], obs["depth"], obs["K"], rng, num_points,
+                                         object_depth_only=method == "flipjax")
         tracks, visible = oracle_tracks(scene, obs, points, frames)
-        return fitted_plan(obs, pixels, points, tracks, visible, method=method,
+        return fitted_plan(obs, points, tracks, visible, method=method,
                            key_seed=int(rng.integers(2**31)))
 
     return plan
