@@ -30,6 +30,7 @@ import json
 import multiprocessing
 import os
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def load_demo(path: str | Path, settings: dict[str, Any] | None = None
     try:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"cached rollout {path} is unreadable ({e}); delete it to re-render") \
             from e
     if "settings" not in arrays:

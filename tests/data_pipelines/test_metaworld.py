@@ -369,3 +369,11 @@ def test_killed_cli_build_resumes(tmp_path):
     assert len(list((tmp_path / mw.CACHE_DIR).glob("*/*.npz"))) == 3 and not stale.exists()
     eps = list(read_episodes(open_builder(path), METAWORLD, "train", 0, 3))
     assert len(eps) == 3 and all(e.instruction == "press the button" for e in eps)
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04garbage", b"not a zip at all", b""])
+def test_a_corrupt_cache_file_is_named(tmp_path, content):
+    path = tmp_path / "0.npz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"0\.npz is unreadable.*delete it to re-render"):
+        mw.load_demo(path)
