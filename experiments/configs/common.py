@@ -67,6 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Metres of gripper motion per toy step (ToyConfig.speed): faster motion means larger
     # flows per clip, which small frames need for the motion to span several pixels.
     c.toy_speed = 0.015
+    # Fraction of toy episodes whose script deliberately fails under its instruction (wrong
+    # block, opposite target, too short): the action and dynamics modules then see several
+    # motions per frame and instruction, as in play data. Value runs need 0 (LIV treats every
+    # episode's last frame as its goal).
+    c.toy_failure_fraction = 0.0
     c.data_workers = 0  # grain worker processes
     c.data_threads = 2
 

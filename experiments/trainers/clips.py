@@ -97,7 +97,9 @@ def build_toy_clips(config: ml_collections.ConfigDict, split: str, out: str | Pa
     with tempfile.TemporaryDirectory() as tmp:
         rlds = toy.build(tmp, {split: episodes}, seed=int(config.seed),
                          config=ToyConfig(image_size=h,
-                                          speed=float(config.get("toy_speed", 0.015))))
+                                          speed=float(config.get("toy_speed", 0.015)),
+                                          failure_fraction=float(
+                                              config.get("toy_failure_fraction", 0.0))))
         staging = out.parent / (out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         build_clips(BuildOptions(

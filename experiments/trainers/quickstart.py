@@ -30,8 +30,8 @@ SUMMARY_FILE = "quickstart.json"
 # Fields of the quickstart config that every module's config takes over.
 SHARED = ("seed", "total_steps", "batch_size", "log_every", "checkpoint_every", "eval_every",
           "keep_checkpoints", "async_checkpointing", "toy_episodes", "toy_val_episodes",
-          "toy_grid", "toy_text_max_tokens", "toy_speed", "data_workers", "data_threads",
-          "compute_dtype")
+          "toy_grid", "toy_text_max_tokens", "toy_speed", "toy_failure_fraction",
+          "data_workers", "data_threads", "compute_dtype")
 
 
 def selected_modules(config: ml_collections.ConfigDict) -> list[str]:
@@ -123,6 +123,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             and not (root / "autoencoder").exists():
         raise ValueError("the DiT trains on the autoencoder's latents: include 'autoencoder' "
                          "in config.modules, train it first, or set --config.dit_codec=pixels")
+    if "value" in modules and config.toy_failure_fraction > 0:
+        raise ValueError(f"config.toy_failure_fraction={config.toy_failure_fraction} with the "
+                         "value module: the value trains on successful episodes only; train it "
+                         "in a separate workdir with toy_failure_fraction=0")
     train_dir, eval_dir = _prepare_data(config, root)
     summary: dict[str, Any] = {"data": {"train": str(train_dir), "eval": str(eval_dir)},
                                "modules": {}}

@@ -296,6 +296,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     Returns:
       The final TrainState.
     """
+    if float(config.get("toy_failure_fraction", 0.0)) > 0:
+        raise ValueError(
+            f"config.toy_failure_fraction={config.toy_failure_fraction}: the value module "
+            "takes each episode's last frame as its goal, so it must train on successful "
+            "episodes only; train it on a build with toy_failure_fraction=0")
     model = make_model(config)
     train_dir, eval_dir = clips.data_dirs(config, workdir)
     train_ds = open_episodes(config, train_dir, "train")

@@ -83,9 +83,35 @@ def test_module_selection_and_errors(tmp_path):
     c.modules = "dit"
     with pytest.raises(ValueError, match="autoencoder"):
         quickstart.train_and_evaluate(c, str(tmp_path))
+    # Failed scripts are play data for the action and dynamics modules, never value targets.
+    c.modules, c.toy_failure_fraction = "cvae,value", 0.5
+    with pytest.raises(ValueError, match="toy_failure_fraction=0.5 with the value module"):
+        quickstart.train_and_evaluate(c, str(tmp_path))
+    assert not (tmp_path / "toy_data").exists()  # refused before any work
 
 
 def test_readme_main_command_is_the_quickstart():
     readme = (ROOT / "README.md").read_text()
     assert ('pip install -e ".[train]" && python -m experiments.train '
             '--config=experiments/configs/quickstart.py --workdir=outputs/quickstart') in readme
+
+
+def test_toy_failure_fraction_reaches_the_world(tmp_path, monkeypatch):
+    from data_pipelines import toy
+    from experiments.trainers import clips
+
+    seen = {}
+
+    def fake_build(out, episodes, *, seed, config):
+        seen.update(episodes=episodes, config=config)
+        raise RuntimeError("stop after the world config")
+
+    monkeypatch.setattr(toy, "build", fake_build)
+    c = quickstart_config.get_config("runlocal")
+    c.toy_failure_fraction, c.toy_speed = 0.25, 0.03
+    spec = clips.ClipSpec(image_size=(32, 32), horizon=4, history=2, future=0, text_dim=32)
+    with pytest.raises(RuntimeError, match="stop after"):
+        clips.build_toy_clips(c, "train", tmp_path / "train", spec)
+    assert seen["episodes"] == {"train": c.toy_episodes}
+    assert seen["config"].failure_fraction == 0.25 and seen["config"].speed == 0.03
+    assert not (tmp_path / "train").exists()

@@ -80,6 +80,14 @@ def test_text_width_mismatch_is_a_clear_error(toy_dirs, tmp_path):
         value.train_and_evaluate(config, str(tmp_path))
 
 
+def test_failed_scripts_are_refused(tmp_path):
+    config = value_clip.get_config("runlocal")
+    config.toy_failure_fraction = 0.3
+    with pytest.raises(ValueError, match="successful episodes only"):
+        value.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "toy_data").exists()
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
     config = value_clip.get_config()
     with pytest.raises(ValueError, match="data_dir"):
