@@ -191,10 +191,22 @@ class Augment:
       num_points: keep this many points, drawn without replacement (None keeps all).
       track_noise: std (pixels) of Gaussian noise added to the positions after the start; the
         query points themselves stay exact because the model is given them.
+      moving_fraction: with ``num_points``, draw up to this fraction of the subset from the
+        moving points (a step longer than ``MOVING_STEP_PX``, the evaluation's moving mask)
+        and the rest from the others; fewer moving points than asked are all kept. 0 draws
+        uniformly. On tabletop clips a handful of the grid's points move, so a uniform subset
+        teaches mostly "stay put" (motion-aware sampling, as in ATM).
     """
 
     num_points: int | None = None
     track_noise: float = 0.0
+    moving_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.moving_fraction <= 1.0:
+            raise ValueError(f"moving_fraction must lie in [0, 1], got {self.moving_fraction}")
+        if self.moving_fraction > 0 and self.num_points is None:
+            raise ValueError("moving_fraction needs num_points (the size of the subset)")
 
     def __call__(self, clip: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         tracks, visible = clip["tracks"], clip["visible"]
@@ -202,13 +214,31 @@ class Augment:
             n = tracks.shape[0]
             if self.num_points > n:
                 raise ValueError(f"num_points={self.num_points} exceeds the {n} tracked points")
-            keep = rng.choice(n, self.num_points, replace=False)
+            if self.moving_fraction > 0:
+                keep = _motion_aware_subset(tracks, self.num_points, self.moving_fraction, rng)
+            else:
+                keep = rng.choice(n, self.num_points, replace=False)
             tracks, visible = tracks[keep], visible[keep]
         if self.track_noise > 0:
             tracks = tracks.copy()
             tracks[:, 1:] += rng.normal(0.0, self.track_noise,
                                         tracks[:, 1:].shape).astype(np.float32)
         return {**clip, "tracks": tracks, "visible": visible}
+
+
+MOVING_STEP_PX = 1.0  # flipjax.metrics.moving_steps' threshold
+
+
+def _motion_aware_subset(tracks: np.ndarray, k: int, fraction: float,
+                         rng: np.random.Generator) -> np.ndarray:
+    """int[k] distinct point indices, up to round(fraction * k) of them moving ones."""
+    steps = np.linalg.norm(np.diff(tracks, axis=1), axis=-1)
+    moving = np.flatnonzero((steps > MOVING_STEP_PX).any(axis=1))
+    still = np.setdiff1d(np.arange(len(tracks)), moving)
+    m = min(len(moving), round(fraction * k))
+    m = max(m, k - len(still))  # too few still points: more moving ones
+    return np.concatenate([rng.choice(moving, m, replace=False),
+                           rng.choice(still, k - m, replace=False)])
 
 
 class ClipLoader:
@@ -257,6 +287,7 @@ def make_loader(
     num_epochs: int | None = None,
     num_points: int | None = None,
     track_noise: float = 0.0,
+    moving_fraction: float = 0.0,
     process_index: int | None = None,
     process_count: int | None = None,
     worker_count: int = 0,
@@ -273,7 +304,7 @@ def make_loader(
       seed: shuffling and augmentation seed (the same on every process).
       shuffle: reshuffle every epoch.
       num_epochs: None repeats forever.
-      num_points, track_noise: augmentation (see Augment).
+      num_points, track_noise, moving_fraction: augmentation (see Augment).
       process_index, process_count: this process's share (default: jax's); processes read
         disjoint, equally long slices so their step counts agree.
       worker_count: grain worker processes (0 reads in this process with threads).
@@ -288,7 +319,9 @@ def make_loader(
         dataset = ClipDataset(dataset)
     augment = None
     if num_points is not None or track_noise > 0:
-        augment = Augment(num_points, track_noise)
+        augment = Augment(num_points, track_noise, moving_fraction)
+    elif moving_fraction > 0:
+        raise ValueError("moving_fraction needs num_points (the size of the subset)")
     return make_batch_loader(
         dataset, global_batch_size, mesh=mesh, seed=seed, shuffle=shuffle,
         num_epochs=num_epochs, random_map=augment, process_index=process_index,

@@ -300,6 +300,39 @@ def scripted_tracks(problems: ToyProblems, i: int, queries: np.ndarray, horizon:
     return tracks[::step][:chunks].transpose(0, 2, 1, 3).astype(np.float32)
 
 
+def ending_clips(problems: ToyProblems, frames: int, failed: bool = False) -> np.ndarray:
+    """The last ``frames`` frames of every problem's script, or of a failed script.
+
+    ``failed=True`` replays each problem's episode with ``failure_fraction=1``: the same scene,
+    instruction and start, with the script deliberately failing (wrong block, opposite target
+    or too short a motion, ``toy_tasks.FAILURES``). A value model that reads the instruction
+    should score the faithful ending above the failed one.
+
+    Args:
+      problems: the problems.
+      frames: Tv, frames per clip.
+      failed: render the failed scripts.
+
+    Returns:
+      uint8[P Tv H W 3] (frames before step 0 repeat step 0).
+
+    Raises:
+      ValueError: for ``frames`` < 1.
+    """
+    if int(frames) < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    cfg = dataclasses.replace(problems.config, failure_fraction=1.0) if failed \
+        else problems.config
+    clips = []
+    for i in range(len(problems)):
+        ep = sample_episode(episode_rng(problems.seed, SPLIT, int(problems.episodes[i])), cfg)
+        render_frame = render_rgb_uint8(ep.scene)
+        end = len(ep.poses) - 1
+        clips.append(np.stack([render_frame(ep.poses[max(t, 0)])[0]
+                               for t in range(end - int(frames) + 1, end + 1)]))
+    return np.stack(clips)
+
+
 def camera_to_world_motion(problems: ToyProblems, motion_camera: np.ndarray) -> np.ndarray:
     """float[... 4 4]: a motion in the camera frame (X_t = T X_0) as a world-frame motion,
     ``world_from_camera @ T @ camera_from_world``.
@@ -315,4 +348,5 @@ def camera_to_world_motion(problems: ToyProblems, motion_camera: np.ndarray) -> 
 
 
 __all__ = ["SPLIT", "STARTS", "ToyProblems", "camera_to_world_motion", "contact_step",
-           "make_problems", "moved_block", "scripted_motion", "scripted_tracks", "success_after"]
+           "ending_clips", "make_problems", "moved_block", "scripted_motion", "scripted_tracks",
+           "success_after"]

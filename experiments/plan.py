@@ -26,6 +26,10 @@ and ``plan_summary.json``: the settings, the number of problems, plans per secon
 problems, the success rates of value-guided planning (``success_rate``), of FLIP-NV on the
 same problems with the same keys (``success_rate_no_value``, with ``compare_no_value``) and of
 the scripted tracks (``success_rate_scripted_plan``), with counts and per-task successes.
+The summary also measures the two preconditions of value guidance
+(``flipjax.planning.diagnostics``): ``candidate_spread_px``, how far apart the action module's
+candidates are, and, for toy problems, ``value_prefers_success``, how often the value scores a
+problem's faithful ending above a failed script's ending (0.5 is chance).
 
 Toy problems query the ``query_grid`` grid plus, with ``object_window`` r > 0, every pixel of
 a (2r+1)^2 window around the task block: the block's motion is read from the queries on it
@@ -310,6 +314,26 @@ def problem_keys(seed: int, indices: Any) -> Any:
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.int32))
 
 
+def toy_value_preference(world: Any, problems: Problems) -> dict[str, float]:
+    """How often the value prefers each problem's faithful ending to a failed one.
+
+    Both endings are the last ``value_frames`` frames of a script from the problem's own
+    scene and instruction (``toy_problems.ending_clips``); 0.5 is chance, and a value at
+    chance cannot guide the search whatever the candidates.
+    """
+    import numpy as np
+
+    from data_pipelines import toy_problems as tp
+    from flipjax.planning.diagnostics import value_preference
+
+    frames = int(world.value_frames)
+    good, bad = (tp.ending_clips(problems.toy, frames, failed=f).astype(np.float32) / 127.5 - 1
+                 for f in (False, True))
+    out = value_preference(world, good, bad, problems.text_tokens, problems.text_mask)
+    return {"value_prefers_success": float(out["accuracy"]),
+            "value_success_margin": float(out["margin"])}
+
+
 def toy_outcome(problems: Problems, i: int, plan: Any, j: int, key: Any) -> dict[str, Any]:
     """Fits the task block's motion from the chosen beam of row ``j`` of ``plan`` (problem
     ``i``) and judges it with the task's success predicate."""
@@ -548,6 +572,8 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
                               problems.text_tokens[rows], problems.text_mask[rows],
                               jax.random.PRNGKey(int(config.seed)), int(config.candidates))
     summary.update({f"candidate_{k}": float(v) for k, v in spread.items()})
+    if problems.toy is not None:
+        summary.update(toy_value_preference(world, problems))
     calls = [t for ts in timings.values() for t in ts]
     # The first call of each search compiles it; later calls show the steady-state rate.
     steady = [t for ts in timings.values() for t in ts[1:]]

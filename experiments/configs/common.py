@@ -137,6 +137,9 @@ def cvae_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     c.ema_decay = 0.9999
 
     c.num_points = 0  # tracked points per clip (random subset); 0 keeps all
+    # With num_points: up to this fraction of the subset drawn from moving points (0: uniform,
+    # the official sampling). See data_pipelines.loader.Augment.
+    c.moving_fraction = 0.0
     c.track_noise = 0.0  # std (pixels) of the augmentation noise on tracks
     c.eval_batches = 4  # 0 disables evaluation, also at the last step
     c.ltdr_deltas = (2.0, 4.0, 8.0)

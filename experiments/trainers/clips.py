@@ -156,12 +156,14 @@ def clip_loader(config: ml_collections.ConfigDict, ds: ClipDataset, mesh: Mesh, 
                 shuffle: bool, augment: bool, **kwargs: Any) -> ClipLoader:
     """The grain loader of ``ds`` with the config's batch size, seed and worker settings.
 
-    ``augment`` applies ``config.num_points`` / ``config.track_noise`` when the config has them.
-    Extra keyword arguments go to :func:`data_pipelines.loader.make_loader`.
+    ``augment`` applies ``config.num_points`` / ``config.track_noise`` /
+    ``config.moving_fraction`` when the config has them. Extra keyword arguments go to
+    :func:`data_pipelines.loader.make_loader`.
     """
     num_points = int(config.get("num_points", 0) or 0) if augment else 0
     noise = float(config.get("track_noise", 0.0) or 0.0) if augment else 0.0
+    moving = float(config.get("moving_fraction", 0.0) or 0.0) if augment else 0.0
     return make_loader(
         ds, int(config.batch_size), mesh=mesh, seed=int(config.seed), shuffle=shuffle,
-        num_points=num_points or None, track_noise=noise,
+        num_points=num_points or None, track_noise=noise, moving_fraction=moving,
         worker_count=int(config.data_workers), num_threads=int(config.data_threads), **kwargs)

@@ -152,22 +152,36 @@ def flow_scores(pred: jax.Array, gt: jax.Array, deltas: tuple[float, ...],
 
 def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...]) -> Any:
     """Jitted ``(params, batch, rng) -> (metrics, prior flows float[B N L 2])`` of prior
-    samples and posterior reconstructions."""
+    samples and posterior reconstructions.
+
+    Two references come with them: ``still_*``, the scores of predicting no motion at all
+    (a model that has not learnt where things move scores worse than it), and
+    ``prior_spread``, the mean distance in pixels between two prior samples of the same
+    clip (0 when the decoder ignores its latent, so its samples cannot offer a planner
+    alternatives).
+    """
     loss_fn = make_loss_fn(model)
 
     @jax.jit
     def eval_step(params: PyTree, batch: dict[str, jax.Array],
                   rng: jax.Array) -> dict[str, jax.Array]:
         x = convert_batch(batch)
-        prior_rng, post_rng = jax.random.split(rng)
-        prior = model.apply({"params": params}, x["flow"][:, :, 0], x["history"],
-                            x["text_tokens"], x["text_mask"], rngs={"latent": prior_rng},
-                            method=FlowCVAE.sample)
+        prior_rng, post_rng, other_rng = jax.random.split(rng, 3)
+
+        def sample(key: jax.Array) -> dict[str, jax.Array]:
+            return model.apply({"params": params}, x["flow"][:, :, 0], x["history"],
+                               x["text_tokens"], x["text_mask"], rngs={"latent": key},
+                               method=FlowCVAE.sample)
+
+        prior, other = sample(prior_rng), sample(other_rng)
         loss, _ = loss_fn(params, batch, post_rng)
         post = model.apply({"params": params}, x["flow"], x["history"], x["text_tokens"],
                            x["text_mask"], rngs={"latent": post_rng})
+        still = jnp.broadcast_to(x["flow"][:, :, :1], x["flow"].shape)
+        spread = jnp.linalg.norm(prior["flow"] - other["flow"], axis=-1)[:, :, 1:].mean()
         metrics = {"loss": loss, **flow_scores(prior["flow"], x["flow"], deltas, "prior"),
-                   **flow_scores(post["flow"], x["flow"], deltas, "posterior")}
+                   **flow_scores(post["flow"], x["flow"], deltas, "posterior"),
+                   **flow_scores(still, x["flow"], deltas, "still"), "prior_spread": spread}
         return metrics, prior["flow"]
 
     return eval_step

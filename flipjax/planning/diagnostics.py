@@ -1,8 +1,10 @@
-"""How different the action module's candidates are: the precondition of value guidance.
+"""The two preconditions of value guidance, measured.
 
-Value-guided search can only beat a random candidate (FLIP-NV) when the candidates differ. A
-CVAE whose decoder ignores its latent proposes the same flow A times, and then every planner
-that picks among them plans the same thing.
+Value-guided search can only beat a random candidate (FLIP-NV) when the candidates differ and
+the value ranks them. A CVAE whose decoder ignores its latent proposes the same flow A times,
+and then every planner that picks among them plans the same thing
+(:func:`candidate_spread`); a value that does not read the instruction picks at random among
+different candidates (:func:`value_preference`).
 """
 
 from __future__ import annotations
@@ -44,3 +46,30 @@ def candidate_spread(wm: WorldModel, history: ArrayLike, queries: ArrayLike,
                                  for i, j in pairs]))
     displacement = jnp.linalg.norm(flows[..., -1, :] - flows[..., 0, :], axis=-1).mean()
     return {"spread_px": spread, "displacement_px": displacement}
+
+
+def value_preference(wm: WorldModel, preferred: ArrayLike, other: ArrayLike,
+                     text_tokens: ArrayLike, text_mask: ArrayLike) -> dict[str, Array]:
+    """How often the value scores ``preferred`` clips above ``other`` clips, row by row.
+
+    Args:
+      wm: the world model (its ``value``).
+      preferred: float[P Tv H W 3] clips in [-1, 1] that should score higher (e.g. the end of
+        a faithful script); Tv = ``wm.value_frames``.
+      other: float[P Tv H W 3] clips that should score lower (e.g. the end of a failed script
+        from the same scene and instruction).
+      text_tokens: float[P Lt D]; text_mask: bool[P Lt].
+
+    Returns:
+      {"accuracy": float[] fraction of rows with V(preferred) > V(other) (0.5: chance),
+       "margin": float[] mean V(preferred) - V(other)}.
+    """
+    dims = shapes.check(jnp.asarray(preferred), "preferred", f"P {wm.value_frames} H W 3",
+                        dtype="float")
+    shapes.check(jnp.asarray(other), "other", f"P {wm.value_frames} H W 3", dims, dtype="float")
+    shapes.check(jnp.asarray(text_tokens), "text_tokens", "P Lt D", dims, dtype="float")
+    good = wm.value(wm.value_params, jnp.asarray(preferred), jnp.asarray(text_tokens),
+                    jnp.asarray(text_mask))
+    bad = wm.value(wm.value_params, jnp.asarray(other), jnp.asarray(text_tokens),
+                   jnp.asarray(text_mask))
+    return {"accuracy": jnp.mean(good > bad), "margin": jnp.mean(good - bad)}

@@ -185,3 +185,31 @@ def test_loader_rejects_bad_configuration(toy_clips):
         next(make_loader(out, 2, num_points=600, process_index=0, process_count=1))
     with pytest.raises(ValueError, match=r"no manifest\.json"):
         ClipDataset(out / "nope")
+
+
+def test_motion_aware_subset():
+    from data_pipelines.loader import Augment
+
+    n, lh = 40, 4
+    tracks = np.zeros((n, lh, 2), np.float32)
+    moving = np.array([3, 11, 17, 29])
+    tracks[moving, :, 0] = 2.0 * np.arange(lh)  # 2 px per step: moving
+    tracks[5, :, 0] = 0.5 * np.arange(lh)  # 0.5 px per step: still by the metric's threshold
+    clip = {"tracks": tracks, "visible": np.ones((n, lh), bool)}
+    rng = np.random.default_rng(0)
+    for fraction, want in ((0.5, 4), (0.25, 2), (1.0, 4)):
+        out = Augment(8, moving_fraction=fraction)(clip, rng)["tracks"]
+        assert out.shape == (8, lh, 2)
+        assert int((out[:, -1, 0] > 5).sum()) == want  # capped by the 4 moving points
+        assert len({tuple(t.ravel()) for t in out[:, :, 0]}) >= 2
+    # Uniform draws rarely pick more than one of 4 movers out of 40.
+    uniform = [int((Augment(8)(clip, rng)["tracks"][:, -1, 0] > 5).sum()) for _ in range(50)]
+    assert np.mean(uniform) < 1.5
+    # More points than still ones: the rest come from the movers.
+    assert Augment(38, moving_fraction=0.0)(clip, rng)["tracks"].shape == (38, lh, 2)
+    out = Augment(38, moving_fraction=0.05)(clip, rng)["tracks"]
+    assert int((out[:, -1, 0] > 5).sum()) == 38 - 36
+    with pytest.raises(ValueError, match="moving_fraction must lie"):
+        Augment(8, moving_fraction=1.5)
+    with pytest.raises(ValueError, match="needs num_points"):
+        Augment(None, moving_fraction=0.5)

@@ -192,3 +192,22 @@ def test_scripted_tracks_follow_the_block(problems):
     expect = moved[:, :2] / moved[:, 2:] * K[[0, 1], [0, 1]] + K[:2, 2]
     np.testing.assert_allclose(tracks[1, 3, rows * SIZE + cols], expect, atol=1e-3)
     assert np.abs(expect - np.stack([cols, rows], -1)).max() > 0.5  # the block did move
+
+
+def test_ending_clips_faithful_and_failed(problems):
+    from data_pipelines.toy_tasks import episode_rng
+
+    good = tp.ending_clips(problems, 2)
+    bad = tp.ending_clips(problems, 2, failed=True)
+    assert good.shape == bad.shape == (NUM, 2, SIZE, SIZE, 3) and good.dtype == np.uint8
+    for i in range(NUM):
+        ep = sample_episode(episode_rng(0, tp.SPLIT, i), problems.config)
+        frame = render_rgb_uint8(ep.scene)(ep.poses[-1])[0]
+        np.testing.assert_array_equal(good[i, -1], frame)  # the script's last frame
+        failed = sample_episode(episode_rng(0, tp.SPLIT, i),
+                                ToyConfig(image_size=SIZE, failure_fraction=1.0))
+        # Same scene and instruction, a failing script, a different ending.
+        assert failed.task == ep.task and failed.failure and not failed.success
+        assert np.abs(good[i, -1].astype(int) - bad[i, -1]).max() > 0
+    with pytest.raises(ValueError, match="frames must be >= 1"):
+        tp.ending_clips(problems, 0)

@@ -89,6 +89,9 @@ def test_cli_writes_plans_media_and_summary(planned):
     assert summary["settings"]["beams"] == BEAMS
     # Random-init CVAE: its latent moves the flows, so its candidates differ.
     assert summary["candidate_spread_px"] > 0 and summary["candidate_displacement_px"] > 0
+    # Two problems: the value prefers 0, 1 or 2 faithful endings to the failed ones.
+    assert summary["value_prefers_success"] in (0.0, 0.5, 1.0)
+    assert np.isfinite(summary["value_success_margin"])
 
 
 def test_written_plans_keep_the_search_invariants(planned, runs):

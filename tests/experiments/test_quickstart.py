@@ -85,7 +85,7 @@ def test_module_selection_and_errors(tmp_path):
         quickstart.train_and_evaluate(c, str(tmp_path))
     # Failed scripts are play data for the action and dynamics modules, never value targets.
     c.modules, c.toy_failure_fraction = "cvae,value", 0.5
-    with pytest.raises(ValueError, match="toy_failure_fraction=0.5 with the value module"):
+    with pytest.raises(ValueError, match=r"toy_failure_fraction=0\.5 with the value module"):
         quickstart.train_and_evaluate(c, str(tmp_path))
     assert not (tmp_path / "toy_data").exists()  # refused before any work
 

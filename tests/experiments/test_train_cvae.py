@@ -46,12 +46,45 @@ def test_cli_runlocal_writes_checkpoint_and_metrics(toy_dirs, tmp_path):
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [6]
     assert 0.0 <= evals[0]["prior_ltdr"] <= 1.0 and evals[0]["prior_ade"] >= 0.0
+    assert evals[0]["still_ade"] >= 0.0 and evals[0]["prior_spread"] >= 0.0
     sample = np.asarray(Image.open(workdir / "samples" / "flows_00000006.png"))
     assert sample.shape == (240, 480, 3)
     with Checkpointer(workdir) as ckpt:
         assert ckpt.latest_step() == 6
     params = load_params(workdir)
     assert {"encoder_0", "decoder_0", "cls_token"} <= set(params)
+
+
+def test_eval_references_have_known_values():
+    """``still_*`` scores a no-motion prediction; ``prior_spread`` compares two prior draws."""
+    import jax.numpy as jnp
+
+    from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
+
+    model = FlowCVAE(CVAEConfig.named("tiny", language_dim=8))
+    b, n, lh = 2, 6, 4
+    # Half the points move 3 px per step along x, the rest stay put.
+    step = np.where(np.arange(n)[None, :, None] < n // 2, 3.0, 0.0) * np.arange(lh)[None, None]
+    start = np.random.default_rng(0).uniform(4, 28, (b, n, 1, 2))
+    tracks = np.broadcast_to(start, (b, n, lh, 2)).copy()
+    tracks[..., 0] += step[0]
+    batch = {"history": jnp.zeros((b, 2, 32, 32, 3), jnp.uint8),
+             "tracks": jnp.asarray(tracks, jnp.float32),
+             "text_tokens": jnp.ones((b, 3, 8), jnp.float32),
+             "text_mask": jnp.ones((b, 3), bool)}
+    x = cvae.convert_batch(batch)
+    params = model.init({"params": jax.random.key(0), "latent": jax.random.key(1)}, x["flow"],
+                        x["history"], x["text_tokens"], x["text_mask"])["params"]
+    metrics, flows = cvae.make_eval_step(model, (2.0, 4.0))(params, batch, jax.random.key(2))
+    # Still predictions miss a moving point by 3, 6, 9 px at steps 1..3 (mean 6).
+    assert float(metrics["still_ade_moving"]) == pytest.approx(6.0)
+    assert float(metrics["still_ade"]) == pytest.approx(3.0)
+    # LTDR at 2 and 4 px: static points always within, moving ones never (3, 6, 9 > 2) or
+    # once (3 < 4).
+    assert float(metrics["still_ltdr_moving"]) == pytest.approx((0 + 1 / 3) / 2)
+    assert flows.shape == (b, n, lh, 2)
+    # An untrained decoder reads its latent, so two prior draws differ.
+    assert float(metrics["prior_spread"]) > 0.0
 
 
 def test_resume_is_exact(toy_dirs, tmp_path):

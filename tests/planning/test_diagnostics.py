@@ -1,11 +1,12 @@
-"""candidate_spread on the analytic world of test_beam_search (its proposals are known)."""
+"""candidate_spread and value_preference on the analytic world of test_beam_search (its
+proposals and values are known)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flipjax.planning.diagnostics import candidate_spread
+from flipjax.planning.diagnostics import candidate_spread, value_preference
 from tests.planning.test_beam_search import QUERIES, frame_of, make_world
 
 P = 3
@@ -36,3 +37,26 @@ def test_bad_inputs():
         candidate_spread(world, HISTORY, Q, TEXT, MASK, jax.random.PRNGKey(0), 1)
     with pytest.raises(ValueError, match="queries"):
         candidate_spread(world, HISTORY, Q[:2], TEXT, MASK, jax.random.PRNGKey(0), 2)
+
+
+def test_value_preference_counts_rows_and_margins():
+    world = make_world()  # value = -distance of the frame's position to text_tokens[:, 0, :2]
+    goals = jnp.array([[1.0, 1.0], [2.0, -1.0], [0.0, 3.0]])
+    text = jnp.zeros((P, 2, 4)).at[:, 0, :2].set(goals)
+    at_goal = frame_of(goals[:, None])  # P 1 H W 3, value 0
+    off = frame_of(goals[:, None] + jnp.array([[[3.0, 4.0]], [[0.0, 1.0]], [[0.0, 0.0]]]))
+    out = value_preference(world, at_goal, off, text, MASK)
+    # Rows 0 and 1 prefer the goal (by 5 and 1); row 2 ties, which is not a preference.
+    assert float(out["accuracy"]) == pytest.approx(2 / 3)
+    assert float(out["margin"]) == pytest.approx(2.0, abs=1e-4)
+    swapped = value_preference(world, off, at_goal, text, MASK)
+    assert float(swapped["accuracy"]) == pytest.approx(0.0)
+
+
+def test_value_preference_bad_inputs():
+    world = make_world()
+    clips = frame_of(jnp.zeros((P, 1, 2)))
+    with pytest.raises(ValueError, match="other"):
+        value_preference(world, clips, clips[:2], TEXT, MASK)
+    with pytest.raises(ValueError, match="preferred"):
+        value_preference(world, frame_of(jnp.zeros((P, 2, 2))), clips, TEXT, MASK)
