@@ -36,6 +36,7 @@ from data_pipelines.rlds import (
     required_keys,
 )
 from data_pipelines.schemas import Schema, get_schema
+from flipjax.settings_record import record_or_check
 
 TRACKERS = ("lk", "dis", "ground_truth", "file")
 TEXT_BACKENDS = ("hash", "dataset", "file", "minilm")
@@ -332,16 +333,9 @@ def _prepare_out(options: BuildOptions) -> Path:
     """Creates OUT, or checks that an existing OUT was built with the same options."""
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    saved = out / "build_options.json"
-    mine = options.output_defining()
-    if saved.exists():
-        theirs = json.loads(saved.read_text())
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if diff:
-            raise ValueError(f"--out {out} holds clips built with other options "
-                             f"(option: (theirs, yours)) {diff}; use a new --out or delete it")
-    else:
-        saved.write_text(json.dumps(mine, indent=1))
+    record_or_check(out / "build_options.json", options.output_defining(),
+                    refusal=f"--out {out} holds clips built with other options",
+                    remedy="use a new --out or delete it")
     for stray in out.glob("*.tmp"):  # left by an interrupted shard
         stray.unlink()
     return out

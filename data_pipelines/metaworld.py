@@ -48,6 +48,7 @@ from data_pipelines.metaworld_demos import (
     render_demo,
 )
 from data_pipelines.rlds_writer import step_features, write_rlds
+from flipjax.settings_record import describe_changes, record_or_check
 
 NAME, VERSION = "metaworld", "1.0.0"
 CACHE_DIR = "metaworld_cache"
@@ -79,12 +80,6 @@ def cache_settings(cameras: Sequence[str], *, image_size: int = 128, supersample
             "num_points": num_points, "depth_tolerance": DEPTH_TOLERANCE,
             "depth_rel_tolerance": DEPTH_REL_TOLERANCE,
             "metaworld": version("metaworld"), "mujoco": version("mujoco")}
-
-
-def _settings_mismatch(have: dict[str, Any], want: dict[str, Any]) -> str:
-    keys = sorted(set(have) | set(want))
-    return ", ".join(f"{k}: cached {have.get(k)!r} vs requested {want.get(k)!r}"
-                     for k in keys if have.get(k) != want.get(k))
 
 
 def _save_demo(path: str | Path, demo: dict[str, dict[str, Any]], settings: dict[str, Any]
@@ -122,7 +117,7 @@ def load_demo(path: str | Path, settings: dict[str, Any] | None = None
     have = json.loads(str(arrays.pop("settings")))
     if settings is not None and have != settings:
         raise ValueError(f"cached rollout {path} was rendered with other settings "
-                         f"({_settings_mismatch(have, settings)})")
+                         f"({describe_changes(have, settings, recorded_as='cached')})")
     demo: dict[str, dict[str, Any]] = {}
     for key, value in arrays.items():
         camera, name = key.split("/", 1)
@@ -257,18 +252,10 @@ def cache_path(out: str | Path, task: str, seed: int) -> Path:
 
 def _check_cache_settings(root: Path, settings: dict[str, Any]) -> None:
     """Refuses a cache rendered with other settings; records them for a fresh cache."""
-    path = root / SETTINGS_FILE
-    if path.exists():
-        have = json.loads(path.read_text())
-        if have != settings:
-            raise ValueError(f"the rollout cache {root} was rendered with other settings "
-                             f"({_settings_mismatch(have, settings)}); use another --out or "
-                             "delete the cache to re-render")
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    record_or_check(root / SETTINGS_FILE, settings,
+                    refusal=f"the rollout cache {root} was rendered with other settings",
+                    remedy="use another --out or delete the cache to re-render",
+                    recorded_as="cached")
 
 
 def _episodes(out: Path, tasks: Sequence[str], seeds: Sequence[int], cameras: Sequence[str],

@@ -33,6 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from data_pipelines import metaworld_sim as ms
+from flipjax.settings_record import describe_changes
 
 MODES = ("oracle", "avdc", "model")
 
@@ -213,11 +214,11 @@ def evaluate(mode: str, tasks: Sequence[str], cameras: Sequence[str], seeds: Seq
     if log.exists():
         lines = log.read_text().splitlines()
         head = json.loads(lines[0]) if lines else {}
-        same = {k: head.get("settings", {}).get(k) == v for k, v in settings.items()
-                if k not in ("tasks", "cameras", "seeds")}
-        if not all(same.values()):
-            bad = [k for k, ok in same.items() if not ok]
-            raise ValueError(f"{log} holds episodes run with other settings ({bad}); use "
+        # A rerun may add or drop tasks, cameras and seeds: the log is per episode.
+        changes = describe_changes(head.get("settings", {}), json.loads(json.dumps(settings)),
+                                   ignore=("tasks", "cameras", "seeds"))
+        if changes:
+            raise ValueError(f"{log} holds episodes run with other settings ({changes}); use "
                              "another --out or delete it")
         for number, line in enumerate(lines[1:], start=2):
             try:

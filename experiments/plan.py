@@ -426,16 +426,12 @@ def check_settings(config: Any, workdir: Path) -> dict[str, Any]:
     Raises:
       ValueError: naming the fields a rerun changed.
     """
+    from flipjax.settings_record import record_or_check
+
     mine = {k: config[k] for k in PLAN_FIELDS}
-    path = workdir / SETTINGS_FILE
-    if path.exists():
-        theirs = json.loads(path.read_text())
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if diff:
-            raise ValueError(f"--workdir {workdir} holds plans made with other settings "
-                             f"(field: (theirs, yours)) {diff}; use a new --workdir")
-    else:
-        _write_json(path, mine)
+    record_or_check(workdir / SETTINGS_FILE, mine,
+                    refusal=f"--workdir {workdir} holds plans made with other settings",
+                    remedy="use a new --workdir")
     return mine
 
 

@@ -78,7 +78,9 @@ def value_config(name: str, arg: str | None, *, clip_len: int) -> ml_collections
         c.learning_rate = 1e-3
         # Tracks the weights within ~10 steps, so the 50-step eval shows what was learnt.
         c.ema_decay = 0.9
-        c.eval_episodes = 2
+        # Every held-out episode up to 16 (capped by what the split holds): a toy model's
+        # language Spearman over 2 episodes was 0.45 off its own 16-episode figure.
+        c.eval_episodes = 16
         c.toy_image_size = 32
         c.toy_horizon = 4
     c.lock()
