@@ -34,6 +34,26 @@ def describe_changes(recorded: Mapping[str, Any], requested: Mapping[str, Any], 
                      for k in keys if recorded.get(k) != requested.get(k))
 
 
+def read_json_object(path: str | Path, remedy: str = "") -> dict[str, Any]:
+    """The JSON object in ``path``.
+
+    Args:
+      path: a JSON file.
+      remedy: appended to the error ("; {remedy}") when given.
+
+    Raises:
+      ValueError: naming the file, when it is not JSON or does not hold an object.
+    """
+    tail = f"; {remedy}" if remedy else ""
+    try:
+        value = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}){tail}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} does not hold a JSON object (got {type(value).__name__}){tail}")
+    return value
+
+
 def record_or_check(path: str | Path, settings: Mapping[str, Any], *, refusal: str,
                     remedy: str, recorded_as: str = "recorded") -> None:
     """Writes ``settings`` to ``path`` (JSON, atomically), or checks a rerun keeps them.
@@ -52,12 +72,7 @@ def record_or_check(path: str | Path, settings: Mapping[str, Any], *, refusal: s
     path = Path(path)
     want = json.loads(json.dumps(dict(settings)))  # tuples -> lists, as read back
     if path.exists():
-        try:
-            have = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"settings file {path} is not JSON ({e}); {remedy}") from None
-        if not isinstance(have, dict):
-            raise ValueError(f"settings file {path} does not hold a JSON object; {remedy}")
+        have = read_json_object(path, remedy)
         changes = describe_changes(have, want, recorded_as=recorded_as)
         if changes:
             raise ValueError(f"{refusal} ({changes}); {remedy}")
@@ -68,4 +83,4 @@ def record_or_check(path: str | Path, settings: Mapping[str, Any], *, refusal: s
     os.replace(tmp, path)
 
 
-__all__ = ["describe_changes", "record_or_check"]
+__all__ = ["describe_changes", "read_json_object", "record_or_check"]

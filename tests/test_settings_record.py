@@ -35,7 +35,7 @@ def test_describe_changes_ignores_and_orders():
         "a: recorded 1 vs requested None, b: recorded None vs requested 1"
 
 
-@pytest.mark.parametrize("text, match", [("{oops", "is not JSON"), ("[1, 2]", "JSON object")])
+@pytest.mark.parametrize("text, match", [("{oops", "is not valid JSON"), ("[1, 2]", "JSON object")])
 def test_damaged_file_is_named(tmp_path, text, match):
     path = tmp_path / "settings.json"
     path.write_text(text)

@@ -80,6 +80,7 @@ from experiments.trainers import clips, loop
 from flipjax import metrics
 from flipjax.checkpoints import checkpoint_dir, load_params
 from flipjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from flipjax.settings_record import read_json_object
 from flipjax.sharding import replicated
 
 PyTree = Any
@@ -160,13 +161,7 @@ def read_model_config(path: str | Path) -> AutoencoderConfig:
         path = path / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{path} does not exist: not a flipjax autoencoder workdir")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
-    return config_from_json(d)
+    return config_from_json(read_json_object(path))
 
 
 def convert_batch(batch: dict[str, jax.Array]) -> jax.Array:
