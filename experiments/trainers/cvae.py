@@ -23,6 +23,7 @@ ground-truth move exceeds 1 px (the official evaluation mask).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from jax.sharding import Mesh
 from data_pipelines.loader import ClipDataset
 from experiments.trainers import clips, loop
 from flipjax import metrics as flow_metrics
-from flipjax.models.cvae_loss import cvae_loss
+from flipjax.models.cvae_loss import CVAELossConfig, cvae_loss
 from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
 
 PyTree = Any
@@ -82,14 +83,28 @@ def convert_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     }
 
 
-def make_loss_fn(model: FlowCVAE) -> Any:
-    """``(params, batch, rng) -> (loss, terms)`` with the official CVAE objective."""
+def loss_config(config: ml_collections.ConfigDict) -> CVAELossConfig:
+    """``config.loss`` as a CVAELossConfig (absent fields keep the official values).
+
+    Raises:
+      ValueError: naming an unknown field.
+    """
+    fields = dict(config.get("loss") or {})
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(CVAELossConfig)})
+    if unknown:
+        raise ValueError(f"config.loss: unknown fields {unknown}; CVAELossConfig has "
+                         f"{[f.name for f in dataclasses.fields(CVAELossConfig)]}")
+    return CVAELossConfig(**fields)
+
+
+def make_loss_fn(model: FlowCVAE, objective: CVAELossConfig = CVAELossConfig()) -> Any:
+    """``(params, batch, rng) -> (loss, terms)`` with the CVAE objective ``objective``."""
     def loss_fn(params: PyTree, batch: dict[str, jax.Array],
                 rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         x = convert_batch(batch)
         out = model.apply({"params": params}, x["flow"], x["history"], x["text_tokens"],
                           x["text_mask"], rngs={"latent": rng})
-        terms = cvae_loss(out, x["flow"], x["history"], model.config.patch)
+        terms = cvae_loss(out, x["flow"], x["history"], model.config.patch, objective)
         return terms["loss"], {k: v for k, v in terms.items() if k != "loss"}
 
     return loss_fn
@@ -150,7 +165,8 @@ def flow_scores(pred: jax.Array, gt: jax.Array, deltas: tuple[float, ...],
     }
 
 
-def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...]) -> Any:
+def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...],
+                   objective: CVAELossConfig = CVAELossConfig()) -> Any:
     """Jitted ``(params, batch, rng) -> (metrics, prior flows float[B N L 2])`` of prior
     samples and posterior reconstructions.
 
@@ -160,7 +176,7 @@ def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...]) -> Any:
     clip (0 when the decoder ignores its latent, so its samples cannot offer a planner
     alternatives).
     """
-    loss_fn = make_loss_fn(model)
+    loss_fn = make_loss_fn(model, objective)
 
     @jax.jit
     def eval_step(params: PyTree, batch: dict[str, jax.Array],
@@ -219,7 +235,8 @@ def make_eval_factory(config: ml_collections.ConfigDict, model: FlowCVAE,
         raise ValueError(f"eval_batches must be >= 0 (0 disables evaluation), got {num_batches}")
     if num_batches == 0:
         return None
-    eval_step = make_eval_step(model, tuple(float(d) for d in config.ltdr_deltas))
+    eval_step = make_eval_step(model, tuple(float(d) for d in config.ltdr_deltas),
+                               loss_config(config))
 
     def factory(mesh: Mesh) -> Any:
         def eval_fn(state: Any, step: int) -> dict[str, float]:
@@ -267,6 +284,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     return loop.train(
         config, workdir,
         init_fn=make_init_fn(model, train_ds.text_tokens),
-        loss_fn=make_loss_fn(model),
+        loss_fn=make_loss_fn(model, loss_config(config)),
         make_loader=lambda mesh: _loader(config, train_ds, mesh, shuffle=True, augment=True),
         make_eval=make_eval_factory(config, model, eval_ds))

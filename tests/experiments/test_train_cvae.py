@@ -87,6 +87,18 @@ def test_eval_references_have_known_values():
     assert float(metrics["prior_spread"]) > 0.0
 
 
+def test_loss_weights_come_from_the_config():
+    from flipjax.models.cvae_loss import CVAELossConfig
+
+    c = cvae_small.get_config("runlocal")
+    assert cvae.loss_config(c) == CVAELossConfig()  # the official weights
+    c.loss.kl = 1e-2
+    assert cvae.loss_config(c).kl == 1e-2
+    c.loss = {"kl": 1e-2, "klx": 1.0}
+    with pytest.raises(ValueError, match=r"unknown fields \['klx'\]"):
+        cvae.loss_config(c)
+
+
 def test_resume_is_exact(toy_dirs, tmp_path):
     straight = cvae.train_and_evaluate(local_config(toy_dirs, 6), str(tmp_path / "a"))
     cvae.train_and_evaluate(local_config(toy_dirs, 3), str(tmp_path / "b"))
