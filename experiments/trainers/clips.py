@@ -91,6 +91,9 @@ def build_toy_clips(config: ml_collections.ConfigDict, split: str, out: str | Pa
         raise ValueError(f"the toy world renders square images; the model needs {h}x{w}")
     if spec.horizon is None or spec.text_dim is None:
         raise ValueError("toy clips need a concrete horizon and text_dim in the ClipSpec")
+    failure = float(config.get("toy_failure_fraction", 0.0))
+    if not 0.0 <= failure <= 1.0:
+        raise ValueError(f"toy_failure_fraction must lie in [0, 1], got {failure}")
     episodes = {"train": config.toy_episodes, "val": config.toy_val_episodes}[split]
     logging.info("building toy %s clips (%d episodes) in %s", split, episodes, out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,8 +101,7 @@ def build_toy_clips(config: ml_collections.ConfigDict, split: str, out: str | Pa
         rlds = toy.build(tmp, {split: episodes}, seed=int(config.seed),
                          config=ToyConfig(image_size=h,
                                           speed=float(config.get("toy_speed", 0.015)),
-                                          failure_fraction=float(
-                                              config.get("toy_failure_fraction", 0.0))))
+                                          failure_fraction=failure))
         staging = out.parent / (out.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         build_clips(BuildOptions(

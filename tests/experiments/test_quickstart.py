@@ -115,3 +115,6 @@ def test_toy_failure_fraction_reaches_the_world(tmp_path, monkeypatch):
     assert seen["episodes"] == {"train": c.toy_episodes}
     assert seen["config"].failure_fraction == 0.25 and seen["config"].speed == 0.03
     assert not (tmp_path / "train").exists()
+    c.toy_failure_fraction = 1.5
+    with pytest.raises(ValueError, match=r"toy_failure_fraction must lie in \[0, 1\], got 1.5"):
+        clips.build_toy_clips(c, "train", tmp_path / "train", spec)
