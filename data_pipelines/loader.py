@@ -318,10 +318,8 @@ def make_loader(
     if not isinstance(dataset, ClipDataset):
         dataset = ClipDataset(dataset)
     augment = None
-    if num_points is not None or track_noise > 0:
-        augment = Augment(num_points, track_noise, moving_fraction)
-    elif moving_fraction > 0:
-        raise ValueError("moving_fraction needs num_points (the size of the subset)")
+    if num_points is not None or track_noise > 0 or moving_fraction > 0:
+        augment = Augment(num_points, track_noise, moving_fraction)  # validates them
     return make_batch_loader(
         dataset, global_batch_size, mesh=mesh, seed=seed, shuffle=shuffle,
         num_epochs=num_epochs, random_map=augment, process_index=process_index,
