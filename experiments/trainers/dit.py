@@ -28,8 +28,11 @@ keeps an EMA): DDIM (``eval_sample_steps`` respaced steps, ``eval_ddim_eta``, pr
 latents clipped as :func:`sampling_clip` says) samples the future latents from the clean
 history latents, ground-truth flows and text. Reported: ``latent_l2`` (MSE to the true future
 latents), ``psnr`` of the decoded samples against the true uint8 future frames, ``codec_psnr``
-(the same for the decoded true latents: the codec's ceiling), and the diffusion
-``loss``/``mse``/``vb`` on the eval clips. PSNR is per frame, capped at :data:`PSNR_CAP` dB
+(the same for the decoded true latents: the codec's ceiling), two references:
+``copy_psnr`` (the current frame repeated: a model must beat it to have learned any motion) and
+``still_flow_psnr`` (sampled with the same noise but every track held still: equal to ``psnr``
+when the model ignores its flow condition), and the diffusion ``loss``/``mse``/``vb`` on the
+eval clips. PSNR is per frame, capped at :data:`PSNR_CAP` dB
 (identical frames) and averaged. One sample video uint8[T H 2W 3] (ground truth | decoded
 prediction, history and future) is written to ``workdir/samples/video_<step>.gif``.
 """
@@ -350,16 +353,25 @@ def make_eval_step(model: VideoDiT, schedule: diffusion.Schedule,
         cond = model.apply({"params": params}, flow, text, mask,
                            method=VideoDiT.encode_conditions)
         history = x0[:, :n_hist]
-
-        def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
-            return model.apply({"params": params}, x, t, cond, history,
-                               method=VideoDiT.denoise)
-
         future = x0[:, n_hist:]
-        pred = sampling.ddim_sample(model_fn, sample_schedule, sample_rng, future.shape,
-                                    eta=eta, learned_range=model.learn_sigma,
-                                    clip_x0=clip_x0)
+
+        def sample(cond: Any) -> jax.Array:
+            def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+                return model.apply({"params": params}, x, t, cond, history,
+                                   method=VideoDiT.denoise)
+
+            return sampling.ddim_sample(model_fn, sample_schedule, sample_rng, future.shape,
+                                        eta=eta, learned_range=model.learn_sigma,
+                                        clip_x0=clip_x0)
+
+        pred = sample(cond)
+        # Same noise, every track held at its query point: a model that ignores its flow
+        # condition scores the same as with the true flow.
+        still = jnp.broadcast_to(flow[:, :, :1], flow.shape)
+        still_pred = sample(model.apply({"params": params}, still, text, mask,
+                                        method=VideoDiT.encode_conditions))
         pred_frames = to_uint8(codec.decode_video(pred))
+        copy_frames = jnp.broadcast_to(batch["history"][:, -1:], batch["future"].shape)
         recon_frames = to_uint8(codec.decode_video(future))
         truth = jnp.concatenate([batch["history"][0], batch["future"][0]], axis=0)
         shown = jnp.concatenate([to_uint8(codec.decode_video(history[:1]))[0],
@@ -369,6 +381,9 @@ def make_eval_step(model: VideoDiT, schedule: diffusion.Schedule,
                 "latent_l2": jnp.mean(jnp.square(pred - future)),
                 "psnr": frame_psnr(pred_frames, batch["future"]),
                 "codec_psnr": frame_psnr(recon_frames, batch["future"]),
+                "still_flow_psnr": frame_psnr(to_uint8(codec.decode_video(still_pred)),
+                                              batch["future"]),
+                "copy_psnr": frame_psnr(copy_frames, batch["future"]),
                 "video": jnp.concatenate([truth, shown], axis=2)}
 
     return jax.jit(eval_step, out_shardings=replicated(mesh))

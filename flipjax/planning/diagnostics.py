@@ -1,10 +1,11 @@
-"""The two preconditions of value guidance, measured.
+"""The three preconditions of value guidance, measured.
 
-Value-guided search can only beat a random candidate (FLIP-NV) when the candidates differ and
-the value ranks them. A CVAE whose decoder ignores its latent proposes the same flow A times,
-and then every planner that picks among them plans the same thing
-(:func:`candidate_spread`); a value that does not read the instruction picks at random among
-different candidates (:func:`value_preference`).
+Value-guided search can only beat a random candidate (FLIP-NV) when the candidates differ, the
+dynamics module shows the difference and the value ranks what it shows. A CVAE whose decoder
+ignores its latent proposes the same flow A times, and then every planner that picks among them
+plans the same thing (:func:`candidate_spread`); a dynamics model that ignores its flow
+condition renders every candidate alike (:func:`flow_response`); a value that does not read the
+instruction picks at random among different clips (:func:`value_preference`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from flipjax import shapes
+from flipjax.planning.beam_search import PlanConfig, rollout_candidates
 from flipjax.planning.world_model import WorldModel
 from flipjax.typing import Array, ArrayLike, PRNGKey
 
@@ -73,3 +75,61 @@ def value_preference(wm: WorldModel, preferred: ArrayLike, other: ArrayLike,
     bad = wm.value(wm.value_params, jnp.asarray(other), jnp.asarray(text_tokens),
                    jnp.asarray(text_mask))
     return {"accuracy": jnp.mean(good > bad), "margin": jnp.mean(good - bad)}
+
+
+def flow_response(wm: WorldModel, history: ArrayLike, flows: ArrayLike, future: ArrayLike,
+                  text_tokens: ArrayLike, text_mask: ArrayLike, key: PRNGKey,
+                  config: PlanConfig = PlanConfig()) -> dict[str, Array]:
+    """Whether the dynamics module's clip follows the flow it is given.
+
+    Generates the next clip of each row twice with the same noise, once conditioned on the true
+    flow and once on "nothing moves" (every track held at its query point), and scores both
+    against the true future frames.
+
+    Args:
+      wm: the world model (its codec and dynamics; the value is evaluated but not reported).
+      history: float[P Th H W 3] frames in [-1, 1] (Th >= ``wm.history_frames``).
+      flows: float[P N L 2] the true tracks, step 0 the current frame.
+      future: float[P F H W 3] the true next F = L - 1 frames, in [-1, 1].
+      text_tokens: float[P Lt D]; text_mask: bool[P Lt].
+      key: PRNG key of the sampler (shared by both generations).
+      config: the sampler settings (``sampler``, ``sample_steps``, ``clip_x0``, ...).
+
+    Returns:
+      {"psnr_true_flow", "psnr_still_flow": float[] PSNR (dB, [-1, 1] pixels, MSE pooled over
+       all frames) of the generated frames against ``future``; "change": float[] mean
+       absolute pixel difference between the two generated clips (0: the flow is ignored);
+       "future_change": float[] the same between the true future and the current frame
+       repeated, for scale; "psnr_copy": float[] PSNR of that repeated current frame, the
+       no-model reference}.
+    """
+    history, flows, future = (jnp.asarray(x, jnp.float32) for x in (history, flows, future))
+    dims = shapes.check(history, "history", "P T H W 3", dtype="float")
+    dims = shapes.check(flows, "flows", "P N L 2", dims, dtype="float")
+    shapes.check(future, "future", f"P {dims['L'] - 1} H W 3", dims, dtype="float")
+    text_tokens = jnp.asarray(text_tokens, jnp.float32)
+    shapes.check(text_tokens, "text_tokens", "P Lt D", dims, dtype="float")
+    th = dims["T"]
+    tl = th if wm.latent_history_frames is None else min(th, int(wm.latent_history_frames))
+    p = dims["P"]
+    latents = wm.encode(wm.codec_params, history[:, th - tl:].reshape(p * tl, *history.shape[2:]))
+    latents = latents.reshape(p, tl, *latents.shape[1:])
+    still = jnp.broadcast_to(flows[:, :, :1], flows.shape)
+    text_mask = jnp.asarray(text_mask)
+    generate = jax.jit(rollout_candidates, static_argnames="config")
+    # Same shapes and key: row i starts from the same noise in both calls.
+    true_flow, still_flow = (
+        jnp.clip(generate(wm, latents, history, f, text_tokens, text_mask, key, config)[1],
+                 -1.0, 1.0) for f in (flows, still))
+    copy = jnp.broadcast_to(history[:, -1:], future.shape)
+    return {"psnr_true_flow": _pooled_psnr(true_flow, future),
+            "psnr_still_flow": _pooled_psnr(still_flow, future),
+            "change": jnp.mean(jnp.abs(true_flow - still_flow)),
+            "future_change": jnp.mean(jnp.abs(future - history[:, -1:])),
+            "psnr_copy": _pooled_psnr(copy, future)}
+
+
+def _pooled_psnr(pred: Array, target: Array) -> Array:
+    # One PSNR of the MSE pooled over every frame: a static clip copied exactly has an infinite
+    # PSNR of its own, which would swamp a per-frame mean.
+    return 10.0 * jnp.log10(4.0 / jnp.maximum(jnp.mean((pred - target) ** 2), 1e-12))

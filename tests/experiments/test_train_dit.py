@@ -19,7 +19,8 @@ from experiments.trainers import dit, loop
 from flipjax import codec as codec_lib
 from flipjax.checkpoints import Checkpointer, load_params
 from flipjax.models.autoencoder import AutoencoderKL, sd_vae_ft_ema, tiny_autoencoder
-from tests.experiments.helpers import runlocal_config
+from data_pipelines.loader import ClipDataset
+from tests.experiments.helpers import BATCH, runlocal_config
 
 
 def local_config(toy_dirs, total_steps, eval_batches=0):
@@ -62,6 +63,16 @@ def test_two_steps_checkpoint_eval_and_sample(toy_dirs, tmp_path):
         assert math.isfinite(ev[key]), key
     assert ev["latent_l2"] > 0 and 0 < ev["psnr"] < dit.PSNR_CAP
     assert ev["codec_psnr"] == dit.PSNR_CAP  # the pixel codec reconstructs exactly
+    # The copy reference, recomputed from the first held-out clips (evaluation is unshuffled).
+    ds = ClipDataset(toy_dirs[1], history=2, future=3)
+    clips_ = [ds[i] for i in range(BATCH)]
+    future = np.stack([c["future"] for c in clips_]).astype(np.float64)
+    copy = np.stack([c["history"][-1:] for c in clips_]).astype(np.float64)
+    mse = np.mean((future - copy) ** 2, axis=(2, 3, 4))
+    expected = np.minimum(10 * np.log10(255.0**2 / np.maximum(mse, 1e-30)), dit.PSNR_CAP)
+    np.testing.assert_allclose(ev["copy_psnr"], expected.mean(), rtol=1e-4)
+    # Two steps from a zero output layer: the model is far below copying the current frame.
+    assert 0 < ev["still_flow_psnr"] < ev["copy_psnr"] and ev["psnr"] < ev["copy_psnr"]
     video = read_gif(workdir / loop.SAMPLES_DIR / "video_00000002.gif")
     # Ground truth | prediction side by side; identical consecutive frames may be merged.
     assert video.shape[1:] == (32, 64, 3) and 1 <= video.shape[0] <= 5
