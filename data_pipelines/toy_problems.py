@@ -300,6 +300,35 @@ def scripted_tracks(problems: ToyProblems, i: int, queries: np.ndarray, horizon:
     return tracks[::step][:chunks].transpose(0, 2, 1, 3).astype(np.float32)
 
 
+def future_frames(problems: ToyProblems, frames: int) -> np.ndarray:
+    """The script's own next ``frames`` frames after each problem's start step.
+
+    With :func:`scripted_tracks` (one chunk of ``frames + 1`` steps) this is what a dynamics
+    model conditioned on the true flow should generate.
+
+    Args:
+      problems: the problems.
+      frames: F >= 1.
+
+    Returns:
+      uint8[P F H W 3] frames start+1..start+F (frames past the episode's end repeat its last).
+
+    Raises:
+      ValueError: for ``frames`` < 1.
+    """
+    if int(frames) < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    clips = []
+    for i in range(len(problems)):
+        ep = sample_episode(episode_rng(problems.seed, SPLIT, int(problems.episodes[i])),
+                            problems.config)
+        render_frame = render_rgb_uint8(ep.scene)
+        t0, last = int(problems.start_steps[i]), len(ep.poses) - 1
+        clips.append(np.stack([render_frame(ep.poses[min(t0 + k, last)])[0]
+                               for k in range(1, int(frames) + 1)]))
+    return np.stack(clips)
+
+
 def ending_clips(problems: ToyProblems, frames: int, failed: bool = False) -> np.ndarray:
     """The last ``frames`` frames of every problem's script, or of a failed script.
 

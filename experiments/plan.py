@@ -26,10 +26,13 @@ and ``plan_summary.json``: the settings, the number of problems, plans per secon
 problems, the success rates of value-guided planning (``success_rate``), of FLIP-NV on the
 same problems with the same keys (``success_rate_no_value``, with ``compare_no_value``) and of
 the scripted tracks (``success_rate_scripted_plan``), with counts and per-task successes.
-The summary also measures the two preconditions of value guidance
+The summary also measures the three preconditions of value guidance
 (``flipjax.planning.diagnostics``): ``candidate_spread_px``, how far apart the action module's
-candidates are, and, for toy problems, ``value_prefers_success``, how often the value scores a
-problem's faithful ending above a failed script's ending (0.5 is chance).
+candidates are; for toy problems, ``dynamics_*``, whether the dynamics module's clip follows
+the script's own flow (PSNR against the script's next frames with the true flow, with every
+track held still, and of copying the current frame; ``dynamics_change`` is 0 when the flow is
+ignored); and ``value_prefers_success``, how often the value scores a problem's faithful
+ending above a failed script's ending (0.5 is chance).
 
 Toy problems query the ``query_grid`` grid plus, with ``object_window`` r > 0, every pixel of
 a (2r+1)^2 window around the task block: the block's motion is read from the queries on it
@@ -334,6 +337,32 @@ def toy_value_preference(world: Any, problems: Problems) -> dict[str, float]:
             "value_success_margin": float(out["margin"])}
 
 
+def toy_flow_response(world: Any, problems: Problems, rows: Any, history: Any,
+                      search: Any) -> dict[str, float]:
+    """Whether the dynamics module follows the script's own flow on problems ``rows``.
+
+    The true flow is the script's tracks of the problem's queries over one planning step, the
+    true future its next frames (``toy_problems.scripted_tracks`` / ``future_frames``); see
+    :func:`flipjax.planning.diagnostics.flow_response`.
+    """
+    import jax
+    import numpy as np
+
+    from data_pipelines import toy_problems as tp
+    from flipjax.planning.diagnostics import flow_response
+
+    length = int(jax.eval_shape(
+        lambda h, q, t, m: world.propose(world.action_params, h, q, t, m, jax.random.key(0)),
+        history[rows], problems.queries[rows], problems.text_tokens[rows],
+        problems.text_mask[rows]).shape[2])
+    flows = np.stack([tp.scripted_tracks(problems.toy, int(i), problems.queries[i], length, 1)[0]
+                      for i in rows]).transpose(0, 2, 1, 3)
+    future = tp.future_frames(problems.toy, length - 1)[rows].astype(np.float32) / 127.5 - 1
+    out = flow_response(world, history[rows], flows, future, problems.text_tokens[rows],
+                        problems.text_mask[rows], jax.random.key(0), search)
+    return {f"dynamics_{k}": float(v) for k, v in out.items()}
+
+
 def toy_outcome(problems: Problems, i: int, plan: Any, j: int, key: Any) -> dict[str, Any]:
     """Fits the task block's motion from the chosen beam of row ``j`` of ``plan`` (problem
     ``i``) and judges it with the task's success predicate."""
@@ -570,6 +599,8 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     summary.update({f"candidate_{k}": float(v) for k, v in spread.items()})
     if problems.toy is not None:
         summary.update(toy_value_preference(world, problems))
+        summary.update(toy_flow_response(world, problems, rows, history,
+                                         searches["value_guided"]))
     calls = [t for ts in timings.values() for t in ts]
     # The first call of each search compiles it; later calls show the steady-state rate.
     steady = [t for ts in timings.values() for t in ts[1:]]

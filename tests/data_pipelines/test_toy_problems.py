@@ -211,3 +211,21 @@ def test_ending_clips_faithful_and_failed(problems):
         assert np.abs(good[i, -1].astype(int) - bad[i, -1]).max() > 0
     with pytest.raises(ValueError, match="frames must be >= 1"):
         tp.ending_clips(problems, 0)
+
+
+def test_future_frames_are_the_script_after_the_start(problems):
+    from data_pipelines.toy_tasks import episode_rng
+
+    future = tp.future_frames(problems, 3)
+    assert future.shape == (NUM, 3, SIZE, SIZE, 3) and future.dtype == np.uint8
+    for i in range(NUM):
+        ep = sample_episode(episode_rng(0, tp.SPLIT, i), problems.config)
+        t0, last = int(problems.start_steps[i]), len(ep.poses) - 1
+        for k in range(3):
+            frame = render_rgb_uint8(ep.scene)(ep.poses[min(t0 + 1 + k, last)])[0]
+            np.testing.assert_array_equal(future[i, k], frame)
+        # The history ends at the start step: its last frame precedes the first future one.
+        np.testing.assert_array_equal(problems.history[i, -1],
+                                      render_rgb_uint8(ep.scene)(ep.poses[t0])[0])
+    with pytest.raises(ValueError, match="frames must be >= 1"):
+        tp.future_frames(problems, 0)

@@ -92,6 +92,11 @@ def test_cli_writes_plans_media_and_summary(planned):
     # Two problems: the value prefers 0, 1 or 2 faithful endings to the failed ones.
     assert summary["value_prefers_success"] in (0.0, 0.5, 1.0)
     assert np.isfinite(summary["value_success_margin"])
+    # The dynamics precondition: copying the current frame is a finite reference, the two
+    # generations are finite and the truth moves (the problems start at contact).
+    for key in ("psnr_true_flow", "psnr_still_flow", "psnr_copy", "change"):
+        assert np.isfinite(summary[f"dynamics_{key}"]), key
+    assert summary["dynamics_future_change"] > 0
 
 
 def test_written_plans_keep_the_search_invariants(planned, runs):

@@ -14,12 +14,12 @@ import pytest
 pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("grain")
 
+from data_pipelines.loader import ClipDataset
 from experiments.configs import dit_base, dit_large, dit_small
 from experiments.trainers import dit, loop
 from flipjax import codec as codec_lib
 from flipjax.checkpoints import Checkpointer, load_params
 from flipjax.models.autoencoder import AutoencoderKL, sd_vae_ft_ema, tiny_autoencoder
-from data_pipelines.loader import ClipDataset
 from tests.experiments.helpers import BATCH, runlocal_config
 
 
