@@ -168,13 +168,15 @@ def test_jit_equals_eager_and_vmap_equals_loop(noisy_scene):
                                           noisy_scene.K, visible=noisy_scene.visible[i:i + 1],
                                           image_size=IMG, config=cfg)
         np.testing.assert_allclose(one.transforms[0], batch.transforms[i], atol=1e-5)
-    # vmap of the single-frame fit equals a Python loop over it.
+    # vmap of the single-frame fit equals a Python loop over it (both compiled: op-by-op
+    # dispatch of the LM loop would make this the slowest test of the suite).
     X, uv = noisy_scene.points3d[:3], noisy_scene.tracks[:3, 4]
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    vm = jax.vmap(lambda x, u, k: geometry.fit_rigid(x, u, noisy_scene.K, key=k))(X, uv, keys)
+    single = jax.jit(lambda x, u, k: geometry.fit_rigid(x, u, noisy_scene.K, key=k))
+    vm = jax.jit(jax.vmap(single))(X, uv, keys)
     for i in range(3):
-        single = geometry.fit_rigid(X[i], uv[i], noisy_scene.K, key=keys[i])
-        np.testing.assert_allclose(vm.transform[i], single.transform, atol=1e-5)
+        np.testing.assert_allclose(vm.transform[i], single(X[i], uv[i], keys[i]).transform,
+                                   atol=1e-5)
 
 
 def test_deterministic_given_key(noisy_scene):
