@@ -13,6 +13,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~30 s of compiles on 2 cores; its fits are tested in tests/geometry
 def test_geometry_demo_writes_plot_and_accurate_summary(tmp_path):
     from experiments import geometry_demo
 
@@ -96,6 +97,7 @@ def test_data_demo_runs_end_to_end(tmp_path):
     assert (tmp_path / "tracks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # ~20 s; building, tracking and loading are tested in tests/data_pipelines
 def test_data_benchmark_quick_writes_figures(tmp_path):
     pytest.importorskip("tensorflow_datasets")
     from benchmarks import data as bench
@@ -109,6 +111,7 @@ def test_data_benchmark_quick_writes_figures(tmp_path):
     assert res["loader"]["numpy_threads2_clips_per_s"] > 0
 
 
+@pytest.mark.slow  # ~20 s; the parameter counts are tested in tests/models
 def test_models_benchmark_quick_writes_figures(tmp_path):
     from benchmarks import models as bench
 
