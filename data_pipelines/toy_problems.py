@@ -19,6 +19,7 @@ numpy only (no TensorFlow, no JAX).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -300,7 +301,8 @@ def scripted_tracks(problems: ToyProblems, i: int, queries: np.ndarray, horizon:
     return tracks[::step][:chunks].transpose(0, 2, 1, 3).astype(np.float32)
 
 
-def future_frames(problems: ToyProblems, frames: int) -> np.ndarray:
+def future_frames(problems: ToyProblems, frames: int,
+                  rows: Sequence[int] | None = None) -> np.ndarray:
     """The script's own next ``frames`` frames after each problem's start step.
 
     With :func:`scripted_tracks` (one chunk of ``frames + 1`` steps) this is what a dynamics
@@ -309,9 +311,11 @@ def future_frames(problems: ToyProblems, frames: int) -> np.ndarray:
     Args:
       problems: the problems.
       frames: F >= 1.
+      rows: the problem indices to render (None: all P).
 
     Returns:
-      uint8[P F H W 3] frames start+1..start+F (frames past the episode's end repeat its last).
+      uint8[R F H W 3] frames start+1..start+F of each row (frames past the episode's end
+      repeat its last).
 
     Raises:
       ValueError: for ``frames`` < 1.
@@ -319,7 +323,8 @@ def future_frames(problems: ToyProblems, frames: int) -> np.ndarray:
     if int(frames) < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     clips = []
-    for i in range(len(problems)):
+    for i in range(len(problems)) if rows is None else rows:
+        i = _check_index(problems, int(i))
         ep = sample_episode(episode_rng(problems.seed, SPLIT, int(problems.episodes[i])),
                             problems.config)
         render_frame = render_rgb_uint8(ep.scene)

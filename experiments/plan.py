@@ -357,7 +357,7 @@ def toy_flow_response(world: Any, problems: Problems, rows: Any, history: Any,
         problems.text_mask[rows]).shape[2])
     flows = np.stack([tp.scripted_tracks(problems.toy, int(i), problems.queries[i], length, 1)[0]
                       for i in rows]).transpose(0, 2, 1, 3)
-    future = tp.future_frames(problems.toy, length - 1)[rows].astype(np.float32) / 127.5 - 1
+    future = tp.future_frames(problems.toy, length - 1, rows).astype(np.float32) / 127.5 - 1
     out = flow_response(world, history[rows], flows, future, problems.text_tokens[rows],
                         problems.text_mask[rows], jax.random.key(0), search)
     return {f"dynamics_{k}": float(v) for k, v in out.items()}

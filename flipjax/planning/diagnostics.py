@@ -77,6 +77,9 @@ def value_preference(wm: WorldModel, preferred: ArrayLike, other: ArrayLike,
     return {"accuracy": jnp.mean(good > bad), "margin": jnp.mean(good - bad)}
 
 
+_rollout = jax.jit(rollout_candidates, static_argnames="config")
+
+
 def flow_response(wm: WorldModel, history: ArrayLike, flows: ArrayLike, future: ArrayLike,
                   text_tokens: ArrayLike, text_mask: ArrayLike, key: PRNGKey,
                   config: PlanConfig = PlanConfig()) -> dict[str, Array]:
@@ -116,10 +119,9 @@ def flow_response(wm: WorldModel, history: ArrayLike, flows: ArrayLike, future: 
     latents = latents.reshape(p, tl, *latents.shape[1:])
     still = jnp.broadcast_to(flows[:, :, :1], flows.shape)
     text_mask = jnp.asarray(text_mask)
-    generate = jax.jit(rollout_candidates, static_argnames="config")
     # Same shapes and key: row i starts from the same noise in both calls.
     true_flow, still_flow = (
-        jnp.clip(generate(wm, latents, history, f, text_tokens, text_mask, key, config)[1],
+        jnp.clip(_rollout(wm, latents, history, f, text_tokens, text_mask, key, config)[1],
                  -1.0, 1.0) for f in (flows, still))
     copy = jnp.broadcast_to(history[:, -1:], future.shape)
     return {"psnr_true_flow": _pooled_psnr(true_flow, future),

@@ -227,5 +227,8 @@ def test_future_frames_are_the_script_after_the_start(problems):
         # The history ends at the start step: its last frame precedes the first future one.
         np.testing.assert_array_equal(problems.history[i, -1],
                                       render_rgb_uint8(ep.scene)(ep.poses[t0])[0])
+    np.testing.assert_array_equal(tp.future_frames(problems, 3, [1]), future[1:2])
     with pytest.raises(ValueError, match="frames must be >= 1"):
         tp.future_frames(problems, 0)
+    with pytest.raises(ValueError, match="problem index"):
+        tp.future_frames(problems, 3, [NUM])
