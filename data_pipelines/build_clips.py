@@ -35,7 +35,7 @@ from data_pipelines.rlds import (
     read_episodes,
     required_keys,
 )
-from data_pipelines.schemas import Schema, get_schema
+from data_pipelines.schemas import ORIENTATIONS, Schema, get_schema
 from flipjax.settings_record import record_or_check
 
 TRACKERS = ("lk", "dis", "ground_truth", "file")
@@ -78,7 +78,8 @@ class BuildOptions:
     image_key: str | None = None
     language_key: str | None = None
     embedding_key: str | None = None
-    rotate_180: bool = False
+    # None: the schema's own orientation; a value overrides it (any schema, generic included).
+    orientation: str | None = None
     workers: int = 1
     progress: bool = True
 
@@ -92,6 +93,9 @@ class BuildOptions:
             raise ValueError(f"--text must be one of {TEXT_BACKENDS}, got {self.text!r}")
         if self.text == "file" and not self.text_file:
             raise ValueError("--text=file needs --text_file")
+        if self.orientation is not None and self.orientation not in ORIENTATIONS:
+            raise ValueError(f"--orientation must be one of {ORIENTATIONS}, got "
+                             f"{self.orientation!r}")
         if len(self.size) != 2 or min(self.size) < 8:
             raise ValueError(f"--size must be H,W with both >= 8, got {self.size}")
         for name in ("grid", "horizon", "history", "episodes_per_shard", "min_episode_length"):
@@ -104,9 +108,14 @@ class BuildOptions:
                              f"{self.horizon}")
 
     def get_schema(self) -> Schema:
-        return get_schema(self.schema, image_key=self.image_key, language_key=self.language_key,
-                          embedding_key=self.embedding_key, rotate_180=self.rotate_180) \
-            if self.schema == "generic" else get_schema(self.schema)
+        if self.schema == "generic":
+            return get_schema(self.schema, image_key=self.image_key,
+                              language_key=self.language_key, embedding_key=self.embedding_key,
+                              orientation=self.orientation or "none")
+        schema = get_schema(self.schema)
+        if self.orientation is not None:
+            schema = dataclasses.replace(schema, orientation=self.orientation)
+        return schema
 
     def output_defining(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -159,7 +168,7 @@ class _EpisodeProcessor:
     def transform(self, in_size: tuple[int, int]) -> Any:
         if in_size not in self.transforms:
             self.transforms[in_size] = plan_frames(in_size, self.options.size,
-                                                   self.options.aspect, self.schema.rotate_180)
+                                                   self.options.aspect, self.schema.orientation)
         return self.transforms[in_size]
 
     def __call__(self, ep: Episode) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -505,7 +514,10 @@ def _flags() -> Any:
     f.DEFINE_string("image_key", None, "generic schema: image key, e.g. steps/observation/rgb.")
     f.DEFINE_string("language_key", None, "generic schema: instruction key.")
     f.DEFINE_string("embedding_key", None, "generic schema: sentence embedding key.")
-    f.DEFINE_bool("rotate_180", False, "generic schema: frames are stored upside down.")
+    f.DEFINE_enum("orientation", None, list(ORIENTATIONS),
+                  "How stored frames differ from the camera view, undone on frames and tracks: "
+                  "none | rotate_180 | mirror_lr (columns reversed) | flip_ud (rows reversed). "
+                  "Default: the schema's (libero: mirror_lr; others and generic: none).")
     f.DEFINE_integer("workers", max(1, (os.cpu_count() or 2) - 1), "Parallel shard builders.")
     return flags.FLAGS
 
@@ -531,7 +543,7 @@ def main(argv: list[str]) -> None:
         text_max_tokens=fl.text_max_tokens, episodes_per_shard=fl.episodes_per_shard,
         max_episodes=fl.max_episodes, min_episode_length=fl.min_episode_length,
         image_key=fl.image_key, language_key=fl.language_key, embedding_key=fl.embedding_key,
-        rotate_180=fl.rotate_180, workers=fl.workers)
+        orientation=fl.orientation, workers=fl.workers)
     m = build_clips(options)
     c = m["counts"]
     print(f"{c['clips']} clips from {c['episodes']} episodes in {len(m['shards'])} shards -> "

@@ -1,4 +1,4 @@
-"""Frame preparation: undo storage rotation, fix the aspect ratio (centre crop or pad), resize.
+"""Frame preparation: undo the storage orientation, fix the aspect ratio (crop or pad), resize.
 
 The same transform maps pixel positions, so tracks computed on the original frames (ground
 truth, CoTracker files) land exactly on the resized frames. Positions follow the project
@@ -12,6 +12,8 @@ import dataclasses
 
 import numpy as np
 
+from data_pipelines.schemas import check_orientation
+
 ASPECT_MODES = ("crop", "pad")
 
 
@@ -23,8 +25,10 @@ class FrameTransform:
       in_size: (H, W) of the stored frames.
       out_size: (H', W') of the prepared frames.
       aspect: ``crop`` (centre crop to the output aspect) or ``pad`` (letterbox with black).
-      rotate_180: stored frames are upside down.
-      box: (top, left, height, width) of the crop in the rotated input (the full frame for pad).
+      orientation: how stored frames differ from the camera view
+        (``data_pipelines.schemas.ORIENTATIONS``); undone before cropping.
+      box: (top, left, height, width) of the crop in the re-oriented input (the full frame for
+        pad).
       resized: (h, w) the crop is resized to before padding (== out_size for crop).
       pad: (top, left) padding in the output.
     """
@@ -32,16 +36,23 @@ class FrameTransform:
     in_size: tuple[int, int]
     out_size: tuple[int, int]
     aspect: str
-    rotate_180: bool
+    orientation: str
     box: tuple[int, int, int, int]
     resized: tuple[int, int]
     pad: tuple[int, int]
 
     @property
+    def flips(self) -> tuple[bool, bool]:
+        """(columns reversed, rows reversed) when undoing the orientation."""
+        return (self.orientation in ("rotate_180", "mirror_lr"),
+                self.orientation in ("rotate_180", "flip_ud"))
+
+    @property
     def scale(self) -> tuple[float, float]:
-        """(scale_u, scale_v) of the point map, including the rotation's sign."""
-        sign = -1.0 if self.rotate_180 else 1.0
-        return (sign * self.resized[1] / self.box[3], sign * self.resized[0] / self.box[2])
+        """(scale_u, scale_v) of the point map, including the flips' signs."""
+        fu, fv = self.flips
+        return ((-1.0 if fu else 1.0) * self.resized[1] / self.box[3],
+                (-1.0 if fv else 1.0) * self.resized[0] / self.box[2])
 
     @property
     def offset(self) -> tuple[float, float]:
@@ -49,9 +60,10 @@ class FrameTransform:
         h, w = self.in_size
         top, left, bh, bw = self.box
         su, sv = self.resized[1] / bw, self.resized[0] / bh
-        # Rotation by 180 is the affine u -> (u + 0.5) * -1 - 0.5 + W; compose it with the crop.
-        ou = (w if self.rotate_180 else 0.0) * su - left * su + self.pad[1]
-        ov = (h if self.rotate_180 else 0.0) * sv - top * sv + self.pad[0]
+        fu, fv = self.flips
+        # A flip is the affine u -> (u + 0.5) * -1 - 0.5 + W; compose it with the crop.
+        ou = (w if fu else 0.0) * su - left * su + self.pad[1]
+        ov = (h if fv else 0.0) * sv - top * sv + self.pad[0]
         return (ou, ov)
 
     def points(self, uv: np.ndarray) -> np.ndarray:
@@ -81,8 +93,11 @@ class FrameTransform:
         if frames.ndim != 4 or tuple(frames.shape[1:3]) != self.in_size:
             raise ValueError(f"frames: expected shape [T {self.in_size[0]} {self.in_size[1]} C], "
                              f"got {list(frames.shape)}")
-        if self.rotate_180:
-            frames = frames[:, ::-1, ::-1]
+        fu, fv = self.flips
+        if fu:
+            frames = frames[:, :, ::-1]
+        if fv:
+            frames = frames[:, ::-1]
         top, left, bh, bw = self.box
         frames = frames[:, top:top + bh, left:left + bw]
         rh, rw = self.resized
@@ -101,7 +116,7 @@ class FrameTransform:
 
 
 def plan_frames(in_size: tuple[int, int], out_size: tuple[int, int], aspect: str = "crop",
-                rotate_180: bool = False) -> FrameTransform:
+                orientation: str = "none") -> FrameTransform:
     """Plans the transform from stored frames of ``in_size`` to ``out_size``.
 
     Args:
@@ -109,13 +124,15 @@ def plan_frames(in_size: tuple[int, int], out_size: tuple[int, int], aspect: str
       out_size: (H', W') wanted.
       aspect: ``crop`` keeps the centre at the output aspect ratio; ``pad`` keeps the whole frame
         and letterboxes it.
-      rotate_180: undo a 180-degree storage rotation (LIBERO).
+      orientation: how the stored frames differ from the camera view
+        (``data_pipelines.schemas.ORIENTATIONS``; LIBERO's RLDS: ``mirror_lr``).
 
     Returns:
       The FrameTransform.
     """
     if aspect not in ASPECT_MODES:
         raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {aspect!r}")
+    check_orientation(orientation)
     (h, w), (oh, ow) = in_size, out_size
     if min(h, w, oh, ow) <= 0:
         raise ValueError(f"sizes must be positive, got in_size={in_size} out_size={out_size}")
@@ -125,9 +142,9 @@ def plan_frames(in_size: tuple[int, int], out_size: tuple[int, int], aspect: str
         else:
             bw, bh = w, max(1, round(w * oh / ow))
         box = ((h - bh) // 2, (w - bw) // 2, bh, bw)
-        return FrameTransform(tuple(in_size), tuple(out_size), aspect, rotate_180, box,
+        return FrameTransform(tuple(in_size), tuple(out_size), aspect, orientation, box,
                               (oh, ow), (0, 0))
     s = min(oh / h, ow / w)
     rh, rw = min(oh, max(1, round(h * s))), min(ow, max(1, round(w * s)))
-    return FrameTransform(tuple(in_size), tuple(out_size), aspect, rotate_180, (0, 0, h, w),
+    return FrameTransform(tuple(in_size), tuple(out_size), aspect, orientation, (0, 0, h, w),
                           (rh, rw), ((oh - rh) // 2, (ow - rw) // 2))

@@ -9,6 +9,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+# How stored frames relate to the camera view, i.e. the map that turns them upright and
+# unmirrored again (each of these is its own inverse):
+#   none        stored as seen by the camera;
+#   rotate_180  stored upside down and mirrored (both axes flipped);
+#   mirror_lr   stored mirrored left-right (columns reversed) -- the published LIBERO RLDS;
+#   flip_ud     stored upside down (rows reversed) -- a raw robosuite / MuJoCo render.
+ORIENTATIONS = ("none", "rotate_180", "mirror_lr", "flip_ud")
+
+
+def check_orientation(orientation: str) -> str:
+    """Returns ``orientation`` if valid, else raises ValueError naming the valid ones."""
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+    return orientation
+
 
 @dataclasses.dataclass(frozen=True)
 class Schema:
@@ -20,7 +35,8 @@ class Schema:
       default_camera: camera used when none is given.
       language_key: instruction text key (per step or per episode); None if the dataset has none.
       embedding_key: the dataset's own sentence embedding (``float[D]`` per step), if any.
-      rotate_180: frames are stored upside down (LIBERO renders flipped) and are turned back.
+      orientation: how the stored frames differ from the camera view (:data:`ORIENTATIONS`);
+        frames and track coordinates are mapped back to the camera view.
       nominal_size: (H, W) the published dataset stores; other sizes are accepted and resized.
       depth_key, segmentation_key, object_poses_key, intrinsics_key: fields for exact ground-truth
         tracks (``float[H W]`` metric depth, ``int[H W]`` ids indexing the poses,
@@ -32,12 +48,15 @@ class Schema:
     default_camera: str
     language_key: str | None
     embedding_key: str | None = None
-    rotate_180: bool = False
+    orientation: str = "none"
     nominal_size: tuple[int, int] | None = None
     depth_key: str | None = None
     segmentation_key: str | None = None
     object_poses_key: str | None = None
     intrinsics_key: str | None = None
+
+    def __post_init__(self) -> None:
+        check_orientation(self.orientation)
 
     def image_key(self, camera: str | None) -> str:
         """Returns the image key of ``camera`` (the default camera when None).
@@ -79,12 +98,14 @@ BRIDGE_OXE = Schema(
 )
 
 LIBERO = Schema(
-    # libero_10_no_noops and siblings (OpenVLA conversion): images are stored rotated by 180.
+    # libero_{10,goal,object,spatial}_no_noops (moojink/rlds_dataset_builder, used by OpenVLA):
+    # the builder stores raw[::-1, ::-1] where raw, robosuite's render, is the camera view
+    # upside down, so the stored frames are upright and mirrored left-right.
     name="libero",
     cameras={"image": "steps/observation/image", "wrist_image": "steps/observation/wrist_image"},
     default_camera="image",
     language_key="steps/language_instruction",
-    rotate_180=True,
+    orientation="mirror_lr",
     nominal_size=(256, 256),
 )
 
@@ -109,14 +130,14 @@ SCHEMAS: dict[str, Schema] = {s.name: s for s in (BRIDGE_DATASET, BRIDGE_OXE, LI
 
 
 def generic_schema(image_key: str, language_key: str | None,
-                   embedding_key: str | None = None, rotate_180: bool = False) -> Schema:
+                   embedding_key: str | None = None, orientation: str = "none") -> Schema:
     """A schema for any RLDS dataset from its keys (``--schema=generic``).
 
     Args:
       image_key: e.g. ``steps/observation/rgb``.
       language_key: e.g. ``steps/language_instruction``; None for unlabelled data.
       embedding_key: optional per-step sentence embedding key.
-      rotate_180: undo a 180-degree storage rotation.
+      orientation: how stored frames differ from the camera view (:data:`ORIENTATIONS`).
 
     Returns:
       A Schema with one camera named ``image``.
@@ -126,7 +147,8 @@ def generic_schema(image_key: str, language_key: str | None,
         if key is not None and not key.strip("/"):
             raise ValueError(f"{what} must be a key path such as 'steps/observation/image'")
     return Schema(name="generic", cameras={"image": image_key}, default_camera="image",
-                  language_key=language_key, embedding_key=embedding_key, rotate_180=rotate_180)
+                  language_key=language_key, embedding_key=embedding_key,
+                  orientation=orientation)
 
 
 def get_schema(name: str, **generic_options: str | bool | None) -> Schema:

@@ -67,16 +67,60 @@ def test_oxe_bridge_layout_reads_and_crops(rlds_root, tmp_path):
     assert abs(red[:, -1].mean() - 255 * 558.5 / 639) < 6
 
 
-def test_libero_rotation_is_undone(rlds_root, tmp_path):
+def _orientation_errors(got: np.ndarray, view: np.ndarray) -> dict[str, float]:
+    """Mean absolute error of the ramps (R: columns, G: rows) of ``got`` against those of the
+    camera view and its three flips."""
+    flips = {"upright": view, "mirrored": view[:, ::-1], "upside_down": view[::-1],
+             "rotated_180": view[::-1, ::-1]}
+    return {k: float(np.abs(got[..., :2].astype(int) - v[..., :2].astype(int)).mean())
+            for k, v in flips.items()}
+
+
+def test_libero_comes_out_in_the_camera_view(rlds_root, tmp_path):
+    """The published LIBERO RLDS stores robosuite's upside-down render turned by 180 degrees
+    (upright, mirrored); clips must show the camera view. Fails with the old rotate_180."""
     b = open_builder(rlds_root["libero"])
     ep = next(read_episodes(b, get_schema("libero"), "train", 0, 1))
     assert ep.frames.shape == (5, 256, 256, 3)
-    tf = plan_frames((256, 256), (256, 256), rotate_180=True)
-    upright = tf(ep.frames)
-    want = fixtures.pattern_frame(256, 256, 0, seed=0)
-    np.testing.assert_array_equal(upright[0], want)  # PNG is lossless
-    # Points map with the frames: the stored top-left pixel is the upright bottom-right one.
-    np.testing.assert_allclose(tf.points(np.array([0.0, 0.0])), [255.0, 255.0])
+    view = fixtures.pattern_frame(256, 256, 0, seed=0)  # R: column ramp, G: row ramp
+    # What is stored is the mirrored view (jpeg: a few levels of error).
+    stored = _orientation_errors(ep.frames[0], view)
+    assert stored["mirrored"] < 4 and min(stored.values()) == stored["mirrored"]
+    m = build_clips(_options(rlds_root["libero"], tmp_path / "c", schema="libero", size=(64, 64),
+                             tracker="dis"))
+    clip = ClipDataset(tmp_path / "c", history=1, future=0)[0]
+    small = fixtures.pattern_frame(64, 64, 0, seed=0)  # resized ramps are the same ramps
+    errors = _orientation_errors(clip["history"][-1], small)
+    assert errors["upright"] < 6, errors
+    assert all(errors[k] > 40 for k in ("mirrored", "upside_down", "rotated_180")), errors
+    assert m["schema"]["orientation"] == "mirror_lr"
+    # Points map with the frames: the stored top-left pixel is the view's top-right one.
+    tf = plan_frames((256, 256), (256, 256), orientation=get_schema("libero").orientation)
+    np.testing.assert_allclose(tf.points(np.array([0.0, 0.0])), [255.0, 0.0])
+    np.testing.assert_array_equal(tf(ep.frames[:1])[0][0, 255], ep.frames[0, 0, 0])
+
+
+def test_orientation_is_a_setting_for_every_schema(rlds_root, tmp_path):
+    with pytest.raises(ValueError, match=r"orientation must be one of \('none', 'rotate_180', "
+                                         r"'mirror_lr', 'flip_ud'\), got 'upside'"):
+        get_schema("generic", image_key="steps/observation/image", language_key=None,
+                   orientation="upside")
+    with pytest.raises(ValueError, match="--orientation must be one of"):
+        build_clips(_options(rlds_root["libero"], tmp_path / "c0", schema="libero",
+                             orientation="rot180"))
+    # The generic schema reads LIBERO when told its orientation; an override applies to a
+    # named schema too, and the manifest records what was used.
+    m = build_clips(_options(rlds_root["libero"], tmp_path / "c", schema="generic",
+                             image_key="steps/observation/image", orientation="mirror_lr",
+                             language_key="steps/language_instruction", size=(64, 64),
+                             tracker="dis"))
+    assert m["schema"]["orientation"] == "mirror_lr"
+    want = ClipDataset(tmp_path / "c", history=1, future=0)[0]["history"]
+    m = build_clips(_options(rlds_root["libero"], tmp_path / "c2", schema="libero",
+                             orientation="none", size=(64, 64), tracker="dis"))
+    assert m["schema"]["orientation"] == "none"
+    got = ClipDataset(tmp_path / "c2", history=1, future=0)[0]["history"]
+    np.testing.assert_array_equal(got, want[:, :, ::-1])
 
 
 def test_missing_key_lists_dataset_keys(rlds_root, tmp_path):

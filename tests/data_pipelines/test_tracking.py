@@ -627,17 +627,23 @@ def test_track_errors_known_answer():
         tracking.track_errors(pred, gt, gt_visible, pred_visible.astype(int))
 
 
-def test_transform_tracks_flip_matches_frame_rotation():
-    """A negative scale is the 180-degree rotation frames.FrameTransform applies (LIBERO)."""
+@pytest.mark.parametrize("orientation,want", [
+    ("rotate_180", [[6.0, 3.0], [0.0, 5.0]]),
+    ("mirror_lr", [[6.0, 2.0], [0.0, 0.0]]),
+    ("flip_ud", [[1.0, 3.0], [7.0, 5.0]]),
+    ("none", [[1.0, 2.0], [7.0, 0.0]]),
+])
+def test_transform_tracks_flip_matches_frame_orientation(orientation, want):
+    """Negative scales are the flips frames.FrameTransform applies to the frames (LIBERO)."""
     from data_pipelines.frames import plan_frames
 
-    tf = plan_frames((6, 8), (6, 8), rotate_180=True)
+    tf = plan_frames((6, 8), (6, 8), orientation=orientation)
     img = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
     tracks = np.array([[[[1.0, 2.0], [7.0, 0.0]]]], np.float32)  # [T=1 N=1 L=2 2]
     out, vis = track_files.transform_tracks(tracks, tf.scale, tf.offset, (6, 8),
                                             np.ones((1, 1, 2), bool))
-    np.testing.assert_allclose(out[0, 0], [[6.0, 3.0], [0.0, 5.0]])
+    np.testing.assert_allclose(out[0, 0], want)
     assert vis.all()
-    rotated = tf(img)
+    turned = tf(img)
     for (u, v), (u2, v2) in zip(tracks[0, 0], out[0, 0], strict=True):
-        np.testing.assert_array_equal(rotated[int(v2), int(u2)], img[int(v), int(u)])
+        np.testing.assert_array_equal(turned[int(v2), int(u2)], img[int(v), int(u)])
