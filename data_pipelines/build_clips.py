@@ -146,6 +146,11 @@ class SkipEpisode(Exception):
         self.reason, self.detail = reason, detail
 
 
+# A camera stream whose every pixel of every frame has one value (all zeros in BridgeData V2
+# where a camera was absent; its has_image_* flags are not reliable, so the pixels decide).
+BLANK_CAMERA = "blank camera (every frame one constant value)"
+
+
 def _check_frames(ep: Episode) -> str | None:
     """Returns why an episode's frames are unusable, or None."""
     f = ep.frames
@@ -153,6 +158,8 @@ def _check_frames(ep: Episode) -> str | None:
         return f"image shape {list(f.shape[1:])} is not [H W 3]"
     if f.dtype != np.uint8:
         return f"image dtype {f.dtype} is not uint8"
+    if f.size and f.min() == f.max():
+        return BLANK_CAMERA
     return None
 
 
@@ -271,7 +278,8 @@ def build_shard(options: BuildOptions, shard: int, start: int, stop: int,
         try:
             reason = _check_frames(ep)
             if reason is not None:
-                raise SkipEpisode(reason)
+                raise SkipEpisode(reason, f"value {int(ep.frames.flat[0])}"
+                                  if reason == BLANK_CAMERA else "")
             if len(ep.frames) < options.min_episode_length:
                 raise SkipEpisode(f"short episode (< {options.min_episode_length} frames)",
                                   f"{len(ep.frames)} frames")
@@ -427,7 +435,29 @@ def build_clips(options: BuildOptions) -> dict[str, Any]:
     manifest = _manifest(options, schema, [done[s] for s, _, _ in plan], text,
                          time.time() - t0, resumed_shards=len(plan) - len(todo))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    counts = manifest["counts"]
+    if counts["episodes"] == 0 and counts["skipped"].get(BLANK_CAMERA, 0):
+        raise ValueError(_blank_camera_message(options, schema, builder, counts))
     return manifest
+
+
+def _blank_camera_message(options: BuildOptions, schema: Schema, builder: Any,
+                          counts: dict[str, Any]) -> str:
+    """The error for a build whose chosen camera has no content, naming cameras that have."""
+    camera = options.camera or schema.default_camera
+    lit = []
+    for name in sorted(schema.cameras):
+        try:
+            ep = next(read_episodes(builder, schema, options.split, 0, 1, camera=name), None)
+        except ValueError:  # the dataset lacks that camera's key
+            continue
+        if ep is not None and _check_frames(ep) is None:
+            lit.append(name)
+    return (f"camera {camera!r} ({schema.image_key(camera)}) has no content: "
+            f"{counts['skipped'][BLANK_CAMERA]} of {counts['episodes_in_split_range']} episodes "
+            f"are one constant value in every frame and no episode was usable (the dataset's "
+            f"has_image_* flags are not trusted); cameras with content in the first episode: "
+            f"{lit or 'none'}; choose one with --camera")
 
 
 def _manifest(options: BuildOptions, schema: Schema, shards: list[dict[str, Any]],
@@ -544,7 +574,11 @@ def main(argv: list[str]) -> None:
         max_episodes=fl.max_episodes, min_episode_length=fl.min_episode_length,
         image_key=fl.image_key, language_key=fl.language_key, embedding_key=fl.embedding_key,
         orientation=fl.orientation, workers=fl.workers)
-    m = build_clips(options)
+    try:
+        m = build_clips(options)
+    except (ValueError, FileNotFoundError) as e:
+        # Bad input (a key, a directory, a camera, an option) is one line, not a traceback.
+        raise SystemExit(f"build_clips: error: {e}") from None
     c = m["counts"]
     print(f"{c['clips']} clips from {c['episodes']} episodes in {len(m['shards'])} shards -> "
           f"{fl.out} ({m['bytes']['per_clip'] / 1e3:.1f} KB/clip, "

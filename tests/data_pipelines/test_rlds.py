@@ -1,6 +1,7 @@
 """RLDS layouts (BridgeData V2, OXE Bridge, LIBERO, generic) -> episodes -> clips."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import pytest
 pytest.importorskip("tensorflow_datasets")
 
 from data_pipelines import records
-from data_pipelines.build_clips import BuildOptions, build_clips
+from data_pipelines.build_clips import BLANK_CAMERA, BuildOptions, build_clips
 from data_pipelines.frames import plan_frames
 from data_pipelines.loader import ClipDataset
 from data_pipelines.rlds import open_builder, read_episodes
@@ -172,14 +173,18 @@ def test_wrong_image_size_and_bad_channels(tmp_path):
     good = [rng.integers(0, 255, (40, 60, 3), dtype=np.uint8) for _ in range(3)]
     odd = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
     gray = [rng.integers(0, 255, (32, 32, 1), dtype=np.uint8) for _ in range(3)]
-    d = fixtures.write_generic(tmp_path, [good, odd, gray], ["a", "b", "c"])
+    blank = [np.zeros((40, 60, 3), np.uint8) for _ in range(3)]  # a camera that was absent
+    d = fixtures.write_generic(tmp_path, [good, odd, gray, blank], ["a", "b", "c", "d"])
     opts = _options(d, tmp_path / "c", schema="generic", image_key="steps/observation/rgb",
                     language_key="steps/instruction", size=(16, 16), aspect="pad")
     m = build_clips(opts)
     c = m["counts"]
-    # Other sizes are resized to the configured size; a non-RGB episode is skipped with reason.
+    # Other sizes are resized to the configured size; a non-RGB episode and one whose camera
+    # has no content are skipped with their reasons.
     assert c["frame_sizes_in"] == {"40x60": 1, "64x64": 1}
-    assert c["skipped"] == {"image shape [32, 32, 1] is not [H W 3]": 1}
+    assert c["skipped"] == {"image shape [32, 32, 1] is not [H W 3]": 1, BLANK_CAMERA: 1}
+    (example,) = c["skipped_examples"][BLANK_CAMERA]  # tfds orders records by key hash
+    assert re.fullmatch(r"episode [0-3]: value 0", example)
     ds = ClipDataset(tmp_path / "c")
     assert {ds[i]["history"].shape for i in range(len(ds))} == {(3, 16, 16, 3)}
     with pytest.raises(ValueError, match="needs --image_key"):
