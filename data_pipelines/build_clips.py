@@ -30,12 +30,19 @@ from data_pipelines.frames import plan_frames
 from data_pipelines.rlds import (
     Episode,
     check_keys,
+    feature_keys,
     num_episodes,
     open_builder,
     read_episodes,
     required_keys,
 )
-from data_pipelines.schemas import ORIENTATIONS, Schema, get_schema
+from data_pipelines.schemas import (
+    ORIENTATIONS,
+    SCHEMAS,
+    Schema,
+    get_schema,
+    matching_schemas,
+)
 from flipjax.settings_record import record_or_check
 
 TRACKERS = ("lk", "dis", "ground_truth", "file")
@@ -340,6 +347,50 @@ def build_shard(options: BuildOptions, shard: int, start: int, stop: int,
     return done
 
 
+def resolve_schema(options: BuildOptions, keys: list[str], dataset: str) -> BuildOptions:
+    """Checks the schema against the dataset's keys; ``--schema=auto`` picks it from them.
+
+    Args:
+      options: the build options.
+      keys: the dataset's leaf feature paths.
+      dataset: the dataset's tfds name (only breaks ties: names do not identify layouts).
+
+    Returns:
+      ``options``, with ``schema`` set to the detected one for ``auto``.
+
+    Raises:
+      ValueError: for ``auto`` when no or several layouts fit; for a named schema whose keys the
+        dataset lacks while another schema's layout fits, naming both and the --schema to use.
+    """
+    matches = matching_schemas(keys)
+    if options.schema == "auto":
+        named = [m for m in matches if m.name == dataset]
+        top = [m for m in matches if len(m.signature) == len(matches[0].signature)] or matches
+        # Layouts that differ in name only (toy and metaworld) read alike: any of them will do.
+        alike = all(dataclasses.replace(m, name="") == dataclasses.replace(top[0], name="")
+                    for m in top)
+        if named or (top and alike):
+            return dataclasses.replace(options, schema=(named or top)[0].name)
+        if not matches:
+            raise ValueError(f"--schema=auto: RLDS dataset {dataset!r} has no known layout "
+                             f"(known: {[s.describe() for s in SCHEMAS.values()]}); use "
+                             f"--schema=generic --image_key=... (keys it has: {keys})")
+        raise ValueError(f"--schema=auto: RLDS dataset {dataset!r} fits several layouts: "
+                         f"{[m.describe() for m in top]}; name one with --schema")
+    if options.schema == "generic":
+        return options
+    schema = options.get_schema()
+    if set(schema.signature) <= set(keys):
+        return options
+    others = [m for m in matches if m.name != schema.name]
+    if others:
+        missing = sorted(set(schema.signature) - set(keys))
+        raise ValueError(f"RLDS dataset {dataset!r} has the layout of {others[0].describe()}, "
+                         f"not that of {schema.describe()} (it has no {missing}); use "
+                         f"--schema={others[0].name} or --schema=auto")
+    return options
+
+
 def _plan_shards(options: BuildOptions, total: int) -> list[tuple[int, int, int]]:
     n = total if options.max_episodes is None else min(total, options.max_episodes)
     e = options.episodes_per_shard
@@ -410,8 +461,9 @@ def build_clips(options: BuildOptions) -> dict[str, Any]:
       The manifest: options, sizes, counts, skip reasons, statistics, shards and timing.
     """
     options.validate()
-    schema = options.get_schema()
     builder = open_builder(options.rlds_dir)
+    options = resolve_schema(options, feature_keys(builder), builder.info.name)
+    schema = options.get_schema()
     check_keys(builder, required_keys(schema, options.camera,
                                       embedding=options.text == "dataset",
                                       ground_truth=options.tracker == "ground_truth"))
@@ -517,7 +569,10 @@ def _flags() -> Any:
     f.DEFINE_string("rlds_dir", None, "Prepared RLDS directory DIR/name/version.")
     f.DEFINE_string("out", None, "Output directory for clip shards and manifest.json.")
     f.DEFINE_string("schema", "bridge_dataset",
-                    "bridge_dataset | bridge | libero | toy | metaworld | generic")
+                    "bridge_dataset (rail-berkeley BridgeData V2) | bridge (Open X-Embodiment) | "
+                    "libero | toy | metaworld | generic | auto (detected from the keys; the "
+                    "dataset name alone is ambiguous: tfds catalogues also call the "
+                    "rail-berkeley layout 'bridge').")
     f.DEFINE_string("split", "train", "Split to convert.")
     f.DEFINE_string("camera", None, "Camera name (schema default when unset).")
     f.DEFINE_list("size", ["128", "128"], "Output frame size H,W (one value: square).")

@@ -71,6 +71,16 @@ class Schema:
         return self.cameras[camera]
 
     @property
+    def signature(self) -> tuple[str, ...]:
+        """Keys that identify the layout: every camera's image key and the language key."""
+        keys = tuple(self.cameras.values())
+        return keys + ((self.language_key,) if self.language_key else ())
+
+    def describe(self) -> str:
+        """One line naming the layout by its keys, for error messages."""
+        return f"--schema={self.name} ({', '.join(self.signature)})"
+
+    @property
     def ground_truth_keys(self) -> tuple[str, ...]:
         """Keys needed by the ground-truth tracker (empty when the dataset cannot provide them)."""
         keys = (self.depth_key, self.segmentation_key, self.object_poses_key, self.intrinsics_key)
@@ -149,6 +159,24 @@ def generic_schema(image_key: str, language_key: str | None,
     return Schema(name="generic", cameras={"image": image_key}, default_camera="image",
                   language_key=language_key, embedding_key=embedding_key,
                   orientation=orientation)
+
+
+def matching_schemas(keys: list[str] | set[str]) -> list[Schema]:
+    """The named schemas whose layout a dataset with these feature keys has.
+
+    A schema matches when the dataset has every key of its :attr:`Schema.signature`. Names alone
+    cannot decide: current tfds catalogues call the rail-berkeley BridgeData V2 layout
+    ``bridge``, the Open X-Embodiment name of another layout.
+
+    Args:
+      keys: the dataset's leaf feature paths (``data_pipelines.rlds.feature_keys``).
+
+    Returns:
+      Matching schemas, most specific (most signature keys) first.
+    """
+    have = set(keys)
+    found = [s for s in SCHEMAS.values() if set(s.signature) <= have]
+    return sorted(found, key=lambda s: -len(s.signature))
 
 
 def get_schema(name: str, **generic_options: str | bool | None) -> Schema:

@@ -77,6 +77,54 @@ def _orientation_errors(got: np.ndarray, view: np.ndarray) -> dict[str, float]:
             for k, v in flips.items()}
 
 
+def test_oxe_bridge_from_tfds_fake_data_reads(tmp_path):
+    """The OXE layout filled and stored by tfds alone (random values of the published spec)."""
+    import tensorflow_datasets as tfds
+
+    d = fixtures.write_bridge_oxe_fake(tmp_path / "rlds")
+    want = []
+    for ep in tfds.as_numpy(tfds.builder_from_directory(str(d)).as_dataset(
+            split="train", shuffle_files=False)):
+        obs = [s["observation"] for s in ep["steps"]]
+        want.append((np.stack([o["image"] for o in obs]),
+                     obs[0]["natural_language_instruction"].decode().strip(),
+                     obs[0]["natural_language_embedding"]))
+    eps = list(read_episodes(open_builder(d), get_schema("bridge"), "train", 0, 2,
+                             embedding=True))
+    assert len(eps) == len(want) == 2
+    for ep, (frames, text, emb) in zip(eps, want, strict=True):
+        assert ep.frames.shape == (3, 480, 640, 3)
+        np.testing.assert_array_equal(ep.frames, frames)
+        assert ep.instruction == text
+        np.testing.assert_array_equal(ep.embedding, emb)
+    m = build_clips(_options(d, tmp_path / "c", schema="auto", text="dataset", size=(32, 32),
+                             tracker="dis"))
+    assert m["options"]["schema"] == "bridge" and m["counts"]["episodes"] == 2
+    assert m["counts"]["frame_sizes_in"] == {"480x640": 2}
+
+
+def test_the_name_bridge_does_not_decide_the_layout(tmp_path):
+    """tfds catalogues call the rail-berkeley layout 'bridge' too: keys decide, never a crash."""
+    d = fixtures.write_bridge_dataset(tmp_path / "rlds", lengths=(3,), size=(32, 32),
+                                      name="bridge")
+    with pytest.raises(ValueError, match=r"RLDS dataset 'bridge' has the layout of "
+                                         r"--schema=bridge_dataset \(steps/observation/image_0, "
+                                         r".*not that of --schema=bridge \(steps/observation/"
+                                         r"image, .*use --schema=bridge_dataset or --schema=auto"):
+        build_clips(_options(d, tmp_path / "c", schema="bridge"))
+    m = build_clips(_options(d, tmp_path / "c2", schema="auto", size=(32, 32), tracker="dis"))
+    assert m["options"]["schema"] == "bridge_dataset" and m["counts"]["episodes"] == 1
+    oxe = fixtures.write_bridge_oxe(tmp_path / "oxe", lengths=(2,))
+    with pytest.raises(ValueError, match=r"has the layout of --schema=bridge .*use "
+                                         r"--schema=bridge"):
+        build_clips(_options(oxe, tmp_path / "c3", schema="bridge_dataset"))
+    with pytest.raises(ValueError, match=r"--schema=auto: .*has no known layout.*use "
+                                         r"--schema=generic"):
+        build_clips(_options(fixtures.write_generic(tmp_path / "g", [[np.zeros((8, 8, 3),
+                                                                             np.uint8)] * 2],
+                                                    ["a"]), tmp_path / "c4", schema="auto"))
+
+
 def test_libero_comes_out_in_the_camera_view(rlds_root, tmp_path):
     """The published LIBERO RLDS stores robosuite's upside-down render turned by 180 degrees
     (upright, mirrored); clips must show the camera view. Fails with the old rotate_180."""
@@ -125,9 +173,13 @@ def test_orientation_is_a_setting_for_every_schema(rlds_root, tmp_path):
 
 
 def test_missing_key_lists_dataset_keys(rlds_root, tmp_path):
-    with pytest.raises(ValueError, match=r"no key.*steps/observation/image_0.*keys it has.*"
-                                         r"steps/observation/wrist_image"):
+    with pytest.raises(ValueError, match=r"has the layout of --schema=libero .*not that of "
+                                         r"--schema=bridge_dataset .*use --schema=libero"):
         build_clips(_options(rlds_root["libero"], tmp_path / "c", schema="bridge_dataset"))
+    with pytest.raises(ValueError, match=r"no key.*steps/observation/rgb.*keys it has.*"
+                                         r"steps/observation/wrist_image"):
+        build_clips(_options(rlds_root["libero"], tmp_path / "c1", schema="generic",
+                             image_key="steps/observation/rgb"))
     with pytest.raises(ValueError, match="has no camera 'image_7'"):
         build_clips(_options(rlds_root["bridge_dataset"], tmp_path / "c2", camera="image_7"))
     with pytest.raises(ValueError, match="no dataset language embedding"):
