@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -238,7 +240,10 @@ def _embed(encoder: Any, instruction: str, embedding: np.ndarray | None
     try:
         if encoder is None:
             return text_lib.sentence_embedding_tokens(embedding, valid=bool(instruction))
-        tok, mask = encoder.encode([instruction])
+        with warnings.catch_warnings():
+            # Counted per episode in the manifest and reported once by build_clips instead.
+            warnings.simplefilter("ignore", text_lib.TextTruncationWarning)
+            tok, mask = encoder.encode([instruction])
     except ValueError as e:  # e.g. an instruction the --text_file does not have
         raise SkipEpisode("instruction cannot be embedded", str(e)) from e
     return tok[0], mask[0]
@@ -273,6 +278,7 @@ def build_shard(options: BuildOptions, shard: int, start: int, stop: int,
     stats: Counter = Counter()
     sizes: Counter = Counter()
     read_errors: dict[str, int] = {}
+    cut: dict[str, int] = {}  # instruction -> tokens it needs, for those the encoder cuts
     gt = options.tracker == "ground_truth"
     for ep in read_episodes(builder, schema, options.split, start, stop, camera=options.camera,
                             embedding=options.text == "dataset", ground_truth=gt,
@@ -294,6 +300,8 @@ def build_shard(options: BuildOptions, shard: int, start: int, stop: int,
             if key not in text_ids:
                 text_rows.append(_embed(encoder, instruction, ep.embedding))
                 text_ids[key] = len(text_rows) - 1
+                if encoder is not None:
+                    cut.update(dict(text_lib.truncated(encoder, [instruction])))
         except SkipEpisode as e:
             skipped[e.reason] += 1
             if len(examples.setdefault(e.reason, [])) < 3:
@@ -302,6 +310,8 @@ def build_shard(options: BuildOptions, shard: int, start: int, stop: int,
         sizes["x".join(map(str, ep.frames.shape[1:3]))] += 1
         if not instruction:
             stats["empty_instruction_episodes"] += 1
+        if instruction in cut:
+            stats["truncated_instruction_episodes"] += 1
         if len(ep.frames) < options.horizon:
             stats["padded_short_episodes"] += 1
         first = sum(len(r) for r in index_rows)
@@ -340,7 +350,7 @@ def build_shard(options: BuildOptions, shard: int, start: int, stop: int,
     skipped.update(read_errors)
     done = {"shard": shard, "episodes_range": [start, stop], "records": len(index),
             "skipped": dict(skipped), "skipped_examples": examples, "stats": dict(stats),
-            "frame_sizes": dict(sizes),
+            "frame_sizes": dict(sizes), "truncated_instructions": cut,
             "text_shape": list(tokens.shape[1:]), "seconds": time.time() - t0,
             "files": records.describe_files(stem)}
     records.done_path(stem).write_text(json.dumps(done, indent=1))
@@ -490,7 +500,19 @@ def build_clips(options: BuildOptions) -> dict[str, Any]:
     counts = manifest["counts"]
     if counts["episodes"] == 0 and counts["skipped"].get(BLANK_CAMERA, 0):
         raise ValueError(_blank_camera_message(options, schema, builder, counts))
+    if counts["truncated_instructions"]:
+        warnings.warn(truncation_message(options, counts), text_lib.TextTruncationWarning,
+                      stacklevel=2)
     return manifest
+
+
+def truncation_message(options: BuildOptions, counts: dict[str, Any]) -> str:
+    """One line on the instructions a build cut (from its manifest counts)."""
+    return (f"--text={options.text} keeps {options.text_max_tokens} tokens per instruction: "
+            f"{counts['truncated_instructions']} instruction(s) of "
+            f"{counts['truncated_instruction_episodes']} episode(s) were cut, e.g. "
+            f"{'; '.join(counts['truncated_examples'])}; rebuild with a larger "
+            f"--text_max_tokens to keep them whole")
 
 
 def _blank_camera_message(options: BuildOptions, schema: Schema, builder: Any,
@@ -518,12 +540,14 @@ def _manifest(options: BuildOptions, schema: Schema, shards: list[dict[str, Any]
     stats: Counter = Counter()
     sizes: Counter = Counter()
     examples: dict[str, list[str]] = {}
+    cut: dict[str, int] = {}
     for d in shards:
         skipped.update(d["skipped"])
         for reason, ex in d.get("skipped_examples", {}).items():
             examples.setdefault(reason, []).extend(ex[:3 - len(examples.get(reason, []))])
         stats.update(d["stats"])
         sizes.update(d["frame_sizes"])
+        cut.update(d.get("truncated_instructions", {}))
     data_bytes = sum(f["bytes"] for d in shards for f in d["files"].values()) + text["bytes"]
     clips = int(stats["clips"])
     h, w = options.size
@@ -545,6 +569,11 @@ def _manifest(options: BuildOptions, schema: Schema, shards: list[dict[str, Any]
                    "skipped_examples": examples,
                    "empty_instruction_episodes": int(stats["empty_instruction_episodes"]),
                    "padded_short_episodes": int(stats["padded_short_episodes"]),
+                   # Instructions longer than --text_max_tokens (their tails were cut).
+                   "truncated_instruction_episodes": int(stats["truncated_instruction_episodes"]),
+                   "truncated_instructions": len(cut),
+                   "truncated_examples": [f"{s!r} needs {n} tokens"
+                                          for s, n in sorted(cut.items())[:3]],
                    "frame_sizes_in": dict(sizes)},
         "statistics": {
             "visible_fraction": stats["visible_points"] / max(1, stats["tracked_points"]),
@@ -630,11 +659,15 @@ def main(argv: list[str]) -> None:
         image_key=fl.image_key, language_key=fl.language_key, embedding_key=fl.embedding_key,
         orientation=fl.orientation, workers=fl.workers)
     try:
-        m = build_clips(options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", text_lib.TextTruncationWarning)  # said below
+            m = build_clips(options)
     except (ValueError, FileNotFoundError) as e:
         # Bad input (a key, a directory, a camera, an option) is one line, not a traceback.
         raise SystemExit(f"build_clips: error: {e}") from None
     c = m["counts"]
+    if c["truncated_instructions"]:
+        print(f"build_clips: warning: {truncation_message(options, c)}", file=sys.stderr)
     print(f"{c['clips']} clips from {c['episodes']} episodes in {len(m['shards'])} shards -> "
           f"{fl.out} ({m['bytes']['per_clip'] / 1e3:.1f} KB/clip, "
           f"{m['timing']['seconds']:.1f}s); skipped {c['skipped_total']}: {c['skipped']}")

@@ -315,6 +315,7 @@ class BertTokenStates:
         # longest sentence instead saves compute, and the caller pads to max_tokens afterwards.
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=max_tokens)
+        self._untruncated: Any = None  # built on first token_counts()
 
     def tokenize(self, sentences: Sequence[str]) -> list[list[int]]:
         """Token ids per sentence, special tokens included, truncated to ``max_tokens``.
@@ -326,6 +327,24 @@ class BertTokenStates:
           M lists of token ids.
         """
         return [enc.ids for enc in self.tokenizer.encode_batch(list(sentences))]
+
+    def token_counts(self, sentences: Sequence[str]) -> list[int]:
+        """Token ids each sentence needs untruncated, special tokens included.
+
+        Args:
+          sentences: [M] strings.
+
+        Returns:
+          M counts; those above ``max_tokens`` are cut by :meth:`tokenize`.
+        """
+        if not sentences:
+            return []
+        if self._untruncated is None:
+            from tokenizers import Tokenizer
+
+            self._untruncated = Tokenizer.from_str(self.tokenizer.to_str())
+            self._untruncated.no_truncation()
+        return [len(enc.ids) for enc in self._untruncated.encode_batch(list(sentences))]
 
     def __call__(self, sentences: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
         """Last-layer hidden states of each sentence's real tokens.

@@ -27,6 +27,10 @@ backend: callers turn it into a single token with ``sentence_embedding_tokens``.
 Every backend maps an empty or whitespace-only instruction to all-zero tokens with an all-False
 mask, so that callers can count and drop instruction-less clips instead of training on zeros
 that look valid.
+
+No instruction is cut silently: every backend reports the tokens each instruction needs
+(``token_counts``), ``encode`` warns (:class:`TextTruncationWarning`) naming any instruction
+longer than ``max_tokens``, and ``build_clips`` counts them in its manifest.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import hashlib
 import inspect
 import os
 import re
+import warnings
 import zipfile
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -66,6 +71,40 @@ class TextEncoder(Protocol):
     def describe(self) -> dict[str, Any]:
         """JSON-able options recording exactly how text was embedded."""
         ...
+
+    def token_counts(self, instructions: Sequence[str]) -> list[int]:
+        """Tokens each instruction needs before truncation to ``max_tokens``."""
+        ...
+
+
+class TextTruncationWarning(UserWarning):
+    """An instruction had more tokens than the encoder keeps, so its tail was dropped."""
+
+
+def truncated(encoder: TextEncoder, instructions: Sequence[str]) -> list[tuple[str, int]]:
+    """The instructions ``encoder`` would cut, with the tokens each needs.
+
+    Args:
+      encoder: any backend.
+      instructions: [M] strings.
+
+    Returns:
+      ``(instruction, tokens needed)`` for every instruction longer than ``encoder.max_tokens``.
+    """
+    instructions = _check_instructions(instructions)
+    return [(s, n) for s, n in zip(instructions, encoder.token_counts(instructions), strict=True)
+            if n > encoder.max_tokens]
+
+
+def _warn_truncated(encoder: TextEncoder, counts: Sequence[int],
+                    instructions: Sequence[str]) -> None:
+    cut = [(s, n) for s, n in zip(instructions, counts, strict=True) if n > encoder.max_tokens]
+    if cut:
+        shown = "; ".join(f"{s!r} needs {n}" for s, n in cut[:3])
+        warnings.warn(f"text backend {encoder.name!r} keeps {encoder.max_tokens} tokens per "
+                      f"instruction and cut {len(cut)} of {len(instructions)}: {shown}"
+                      f"{' ...' if len(cut) > 3 else ''}; raise max_tokens to keep them whole",
+                      TextTruncationWarning, stacklevel=3)
 
 
 def is_empty_instruction(instruction: str) -> bool:
@@ -232,14 +271,22 @@ class HashedTokenEncoder:
         instructions = _check_instructions(instructions)
         tokens = np.zeros((len(instructions), self.max_tokens, self.dim), np.float32)
         mask = np.zeros((len(instructions), self.max_tokens), bool)
+        counts = []
         for i, text in enumerate(instructions):
-            words = _words(text)[: self.max_tokens]
+            words = _words(text)
+            counts.append(len(words))
+            words = words[: self.max_tokens]
             if not words:  # also covers punctuation-only text: nothing to embed
                 continue
             tokens[i, : len(words)] = np.stack([self.word_vector(w) for w in words])
             tokens[i, : len(words)] += self._positions[: len(words)]
             mask[i, : len(words)] = True
+        _warn_truncated(self, counts, instructions)
         return tokens, mask
+
+    def token_counts(self, instructions: Sequence[str]) -> list[int]:
+        """Words of each instruction (one token per word)."""
+        return [len(_words(s)) for s in _check_instructions(instructions)]
 
     def describe(self) -> dict[str, Any]:
         """JSON-able options recording exactly how text was embedded."""
@@ -382,7 +429,14 @@ class FileTextEncoder:
                     "instructions); regenerate the file to cover every instruction"
                 )
             tokens[i], mask[i] = pad_tokens(self._tokens[row], self._mask[row], self.max_tokens)
+        _warn_truncated(self, self.token_counts(instructions), instructions)
         return tokens, mask
+
+    def token_counts(self, instructions: Sequence[str]) -> list[int]:
+        """Real (unmasked) token states of each instruction in the file; 0 for empty or absent
+        instructions (``encode`` refuses the absent ones)."""
+        rows = [self._index.get(s.strip()) for s in _check_instructions(instructions)]
+        return [0 if r is None else int(self._mask[r].sum()) for r in rows]
 
     def describe(self) -> dict[str, Any]:
         """JSON-able options recording exactly how text was embedded."""
@@ -457,7 +511,18 @@ class MiniLMEncoder:
         for i, s in zip(keep, states, strict=True):
             tokens[i, : len(s)] = s
             mask[i, : len(s)] = True
+        _warn_truncated(self, self.token_counts(instructions), instructions)
         return tokens, mask
+
+    def token_counts(self, instructions: Sequence[str]) -> list[int]:
+        """Word pieces of each instruction, [CLS] and [SEP] included (0 for empty ones)."""
+        instructions = _check_instructions(instructions)
+        keep = [i for i, s in enumerate(instructions) if not is_empty_instruction(s)]
+        counts = [0] * len(instructions)
+        for i, n in zip(keep, self._model.token_counts([instructions[i] for i in keep]),
+                        strict=True):
+            counts[i] = n
+        return counts
 
     def describe(self) -> dict[str, Any]:
         """JSON-able options recording exactly how text was embedded."""

@@ -286,7 +286,8 @@ def define_flags() -> None:
                         "cvae/, dit/, value/ (and autoencoder/ when the DiT needs it).")
     flags.DEFINE_string("text", "hash", "Model mode: text encoder of the runs (hash|minilm).")
     flags.DEFINE_string("text_model_dir", None, "Model mode, --text=minilm: model directory.")
-    flags.DEFINE_integer("text_max_tokens", 8, "Model mode: tokens per instruction.")
+    flags.DEFINE_integer("text_max_tokens", 16, "Model mode: tokens per instruction "
+                         "(build_clips' --text_max_tokens of the runs' clips).")
     flags.DEFINE_string("plan_overrides", "", "Model mode: PlanConfig fields, e.g. "
                         "'beams=2,candidates=4,horizon=2,sample_steps=10'.")
 

@@ -45,7 +45,7 @@ class ModelPlanner:
     """
 
     def __init__(self, runs: str, text: str = "hash", text_model_dir: str | None = None,
-                 text_max_tokens: int = 8, plan_overrides: str = "", seed: int = 0):
+                 text_max_tokens: int = 16, plan_overrides: str = "", seed: int = 0):
         from data_pipelines import text as text_lib
         from experiments import plan as plan_cli
         from experiments.configs import plan as plan_configs

@@ -16,7 +16,7 @@ from experiments.trainers import dit as dit_trainer
 from experiments.trainers import value as value_trainer
 from flipjax.checkpoints import Checkpointer
 
-TEXT_TOKENS, TEXT_DIM = 8, 32
+TEXT_TOKENS, TEXT_DIM = 16, 32
 
 
 def save_run(workdir: Path, config: Any, params: Any, step: int, ema: Any = None) -> None:

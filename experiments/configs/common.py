@@ -63,7 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.toy_episodes = 8
     c.toy_val_episodes = 2
     c.toy_grid = 8
-    c.toy_text_max_tokens = 8
+    # Hashed words per toy instruction: the longest template ("pick up the red block and place
+    # it in the bottom right corner") has 13, so 16 keeps every instruction whole.
+    c.toy_text_max_tokens = 16
     # Metres of gripper motion per toy step (ToyConfig.speed): faster motion means larger
     # flows per clip, which small frames need for the motion to span several pixels.
     c.toy_speed = 0.015

@@ -76,8 +76,9 @@ def write_bridge_dataset(root: Path, lengths=(6, 4, 5), instructions=None, size=
             emb = np.random.default_rng(e).standard_normal(512).astype(np.float32)
 
             def make(t, frame, first, last, text=text, emb=emb, e=e):
-                imgs = {f"image_{i}": frame if i == 0 else np.zeros_like(frame)
-                        for i in range(4)}
+                # As in the real data: image_3 is an absent camera, all zeros.
+                imgs = {"image_0": frame, "image_1": frame[::-1], "image_2": frame[:, ::-1],
+                        "image_3": np.zeros_like(frame)}
                 return {"observation": {**imgs, "state": np.zeros(7, np.float32)},
                         "action": np.zeros(7, np.float32), "language_instruction": text,
                         "language_embedding": emb, "reward": float(last), "discount": 1.0,

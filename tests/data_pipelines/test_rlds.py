@@ -31,7 +31,7 @@ def rlds_root(tmp_path_factory):
 
 def _options(rlds_dir, out, **kw):
     base = dict(rlds_dir=str(rlds_dir), out=str(out), grid=4, horizon=4, history=3, future=2,
-                text_dim=16, text_max_tokens=8, progress=False, workers=1)
+                text_dim=16, text_max_tokens=16, progress=False, workers=1)
     base.update(kw)
     return BuildOptions(**base)
 
@@ -218,6 +218,22 @@ def test_short_episode_and_empty_instruction(rlds_root, tmp_path):
     np.testing.assert_allclose(last["tracks"][:, 1:], last["tracks"][:, :1].repeat(3, 1))
     first = by_episode[0][0]
     np.testing.assert_array_equal(first["history"][0], first["history"][-1])
+
+
+def test_cut_instructions_are_counted_and_warned(rlds_root, tmp_path):
+    from data_pipelines.text import TextTruncationWarning
+
+    with pytest.warns(TextTruncationWarning, match=r"--text=hash keeps 4 tokens per instruction: "
+                                                   r"1 instruction\(s\) of 1 episode\(s\) were "
+                                                   r"cut, e.g. 'put the cup in the sink' needs 6"):
+        m = build_clips(_options(rlds_root["bridge_dataset"], tmp_path / "c", size=(32, 32),
+                                 text_max_tokens=4, tracker="dis"))
+    c = m["counts"]
+    assert (c["truncated_instruction_episodes"], c["truncated_instructions"]) == (1, 1)
+    assert c["truncated_examples"] == ["'put the cup in the sink' needs 6 tokens"]
+    m = build_clips(_options(rlds_root["bridge_dataset"], tmp_path / "c2", size=(32, 32),
+                             text_max_tokens=6, tracker="dis"))
+    assert m["counts"]["truncated_instructions"] == 0
 
 
 def test_wrong_image_size_and_bad_channels(tmp_path):

@@ -32,6 +32,43 @@ def _assert_masked_empty(tokens, mask, rows):
 # --- hashing backend --------------------------------------------------------------------------
 
 
+def test_no_instruction_is_cut_silently():
+    enc = HashedTokenEncoder(dim=8, max_tokens=8)
+    long = "pick up the red block and place it in the bottom right corner"
+    assert enc.token_counts([long, "open it", "", "  ,; "]) == [13, 2, 0, 0]
+    assert text.truncated(enc, [long, "open it"]) == [(long, 13)]
+    with pytest.warns(text.TextTruncationWarning,
+                      match=r"'hash' keeps 8 tokens per instruction and cut 1 of 2: 'pick up the "
+                            r"red block .*corner' needs 13; raise max_tokens"):
+        _, mask = enc.encode([long, "open it"])
+    assert mask[0].all() and mask[1].sum() == 2
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what fits is not warned about
+        HashedTokenEncoder(dim=8, max_tokens=13).encode([long])
+
+
+def test_every_toy_instruction_fits_the_default_token_budget():
+    """The toy world's templates with their longest fillers fit ``toy_text_max_tokens``."""
+    from data_pipelines import toy_world as tw
+    from experiments.configs.common import base_config
+
+    budget = base_config().toy_text_max_tokens
+    fills = dict(c=sorted(tw.COLORS), c2=sorted(tw.COLORS), d=sorted(tw.DIRECTIONS),
+                 p=sorted(tw.PLACES))
+    enc = HashedTokenEncoder(dim=8, max_tokens=budget)
+    longest = 0
+    for template in (*tw.PUSH_TEMPLATES, *tw.PLACE_TEMPLATES, *tw.NEXT_TEMPLATES):
+        for c in fills["c"]:
+            for c2 in fills["c2"]:
+                for d in fills["d"]:
+                    for p in fills["p"]:
+                        words = enc.token_counts([template.format(c=c, c2=c2, d=d, p=p)])[0]
+                        longest = max(longest, words)
+    assert longest == 13 and longest <= budget
+
+
 def test_hash_shape_dtype_and_determinism():
     enc = HashedTokenEncoder(dim=32, max_tokens=8, seed=3)
     tokens, mask = enc.encode(["push the red block to the left", "open the drawer"])
@@ -91,7 +128,8 @@ def test_hash_different_instructions_differ_and_order_matters():
 
 def test_hash_case_and_punctuation_insensitive_and_truncates():
     enc = HashedTokenEncoder(dim=16, max_tokens=3)
-    t, m = enc.encode(["Open the drawer!", "open, the  drawer", "open the top drawer now"])
+    with pytest.warns(text.TextTruncationWarning, match="'open the top drawer now' needs 5"):
+        t, m = enc.encode(["Open the drawer!", "open, the  drawer", "open the top drawer now"])
     np.testing.assert_array_equal(t[0], t[1])
     assert m[2].all() and m[2].sum() == 3
     np.testing.assert_array_equal(t[2, :2], t[0, :2])
@@ -183,7 +221,11 @@ def test_file_round_trip(tmp_path):
     desc = json.loads(json.dumps(enc.describe()))
     assert desc["backend"] == "file" and desc["num_instructions"] == 3 and len(desc["sha256"]) == 64
 
-    t3, m3 = FileTextEncoder(path, max_tokens=3).encode(["push the block"])
+    short = FileTextEncoder(path, max_tokens=3)
+    assert short.token_counts(["push the block", "open the drawer", "", "absent"]) == [5, 2, 0, 0]
+    with pytest.warns(text.TextTruncationWarning, match=r"'file' keeps 3 tokens .* cut 1 of 1: "
+                                                        r"'push the block' needs 5"):
+        t3, m3 = short.encode(["push the block"])
     assert t3.shape == (1, 3, 6) and m3.all()
     np.testing.assert_array_equal(t3[0], tokens[1, :3])
 
@@ -291,7 +333,10 @@ def test_minilm_batching_empty_and_truncation(minilm):
         single, _ = minilm.encode([sentences[i]])
         np.testing.assert_allclose(single[0], tokens[i], atol=1e-5)
     long = " ".join(["push the red block to the left"] * 5)
-    _, m_long = minilm.encode([long])
+    need = minilm.token_counts([long, "", "open the drawer"])
+    assert need[0] == 2 + 35 and need[1:] == [0, 5]  # 35 words, [CLS] and [SEP]
+    with pytest.warns(text.TextTruncationWarning, match=r"'minilm' keeps 16 tokens .* needs 37"):
+        _, m_long = minilm.encode([long])
     assert m_long.all()
     desc = json.loads(json.dumps(minilm.describe()))
     assert desc["backend"] == "minilm" and desc["dim"] == 384 and desc["max_tokens"] == 16
@@ -338,7 +383,8 @@ def test_any_bert_dir_loads(tmp_path, prefix):
     model_dir = _tiny_bert_dir(tmp_path, prefix)
     enc = text.MiniLMEncoder(model_dir=str(model_dir), max_tokens=5)
     assert enc.dim == 16
-    tokens, mask = enc.encode(["open the drawer", "put the spoon in the pot", ""])
+    with pytest.warns(text.TextTruncationWarning, match="'put the spoon in the pot' needs 8"):
+        tokens, mask = enc.encode(["open the drawer", "put the spoon in the pot", ""])
     assert tokens.shape == (3, 5, 16)
     assert mask.sum(1).tolist() == [5, 5, 0]  # 3 words + [CLS]/[SEP]; 6 words truncated
     assert np.isfinite(tokens).all()

@@ -10,7 +10,7 @@ from data_pipelines.text import make_text_encoder
 from data_pipelines.toy_tasks import sample_episode
 from data_pipelines.toy_world import ToyConfig, pose_matrix, render_rgb_uint8
 
-SIZE, HISTORY, DIM, TOKENS, NUM = 32, 3, 32, 8, 12
+SIZE, HISTORY, DIM, TOKENS, NUM = 32, 3, 32, 16, 12
 
 
 @pytest.fixture(scope="module")

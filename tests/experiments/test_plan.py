@@ -21,7 +21,7 @@ from experiments.configs import plan as plan_config_file
 from experiments.trainers import dit as dit_trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TEXT_TOKENS, TEXT_DIM = 8, 32
+TEXT_TOKENS, TEXT_DIM = 16, 32
 # The :runlocal search: 2 beams, 2 candidates, 2 planning steps of L - 1 = 3 frames.
 BEAMS, HORIZON, FRAMES, HISTORY = 2, 2, 3, 3
 

@@ -113,7 +113,7 @@ def test_configs_build_without_data():
         assert (cfg.image_size, cfg.patch, cfg.vision_width, cfg.clip_len) == (32, 8, 32,
                                                                                clip_len)
         assert (local.model.language_dim, local.toy_image_size, local.toy_horizon,
-                local.toy_grid, local.toy_text_max_tokens) == (32, 32, 4, 8, 8)
+                local.toy_grid, local.toy_text_max_tokens) == (32, 32, 4, 8, 16)
         with pytest.raises(ValueError, match="runlocal"):
             module.get_config("fast")
     assert isinstance(cfg, ValueConfig)
