@@ -83,7 +83,11 @@ def test_data_command_lines(tmp_path):
                           f"--rlds_dir={rlds}", "--schema=bridge_dataset",
                           f"--out={tmp_path / 'c2'}", "--workers=1"],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert bad.returncode != 0 and "keys it has" in bad.stderr
+    # One line naming the layout the data has and the --schema to use, not a traceback.
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith(
+        "build_clips: error: RLDS dataset 'toy_world' has the layout of --schema=toy (")
+    assert "use --schema=toy or --schema=auto" in bad.stderr
 
 
 def test_data_demo_runs_end_to_end(tmp_path):
@@ -94,6 +98,21 @@ def test_data_demo_runs_end_to_end(tmp_path):
     assert s["batch_shapes"]["history"] == [8, 16, 128, 128, 3]
     assert s["batch_shapes"]["tracks"] == [8, 529, 16, 2]
     assert s["lk_vs_ground_truth_px"]["median_visible"] < 1.0
+    assert (tmp_path / "tracks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_demo_on_real_bridge_episodes(tmp_path):
+    """The README's picture of real tracks on real frames: the demo on the 25 real episodes."""
+    pytest.importorskip("tensorflow_datasets")
+    from experiments import data_demo
+
+    real = ROOT / "tests" / "data" / "bridge_dataset_real" / "bridge_dataset" / "1.0.0"
+    s = data_demo.main(["--out_dir", str(tmp_path), "--rlds_dir", str(real), "--size", "64",
+                        "--grid", "8", "--horizon", "4", "--workers", "1"])
+    assert (s["schema"], s["episodes"], s["clips"], s["skipped"]) == ("bridge_dataset", 25,
+                                                                       250, {})
+    assert s["batch_shapes"]["text_tokens"] == [8, 1, 512]  # the dataset's own embedding
+    assert s["batch_shapes"]["tracks"] == [8, 64, 4, 2]
     assert (tmp_path / "tracks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
