@@ -9,8 +9,9 @@ Cases (flipjax.geometry.synthetic defaults): boxes 0.7 to 1.3 m from a 128x128 c
 Figures: per-step errors of the fitted T_t against the truth for every frame t >= 1 (rotation in
 degrees, translation in mm; median and 90th percentile), for the default direct fit and for
 AVDC-style chaining; throughput in sequences per second at batch 1, 64 and 1024 with compile
-time reported apart; and an AVDC-style NumPy/SciPy baseline (benchmarks/avdc_baseline.py) on a
-few sequences of the same run, with the speed and accuracy ratios against it.
+time reported apart; and the AVDC-style NumPy/SciPy reference fit
+(flipjax/geometry/avdc_reference.py) as the baseline on a few sequences of the same run, with
+the speed and accuracy ratios against it.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result["throughput"][-1]), flush=True)
 
     if avdc_n > 0:
-        from benchmarks import avdc_baseline
+        from flipjax.geometry import avdc_reference
 
         print(f"AVDC-style baseline on {avdc_n} sequences ({avdc_restarts} restarts) ...",
               flush=True)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         ests, secs = [], []
         for i in range(avdc_n):
             start = time.perf_counter()
-            ests.append(avdc_baseline.fit_sequence(
+            ests.append(avdc_reference.fit_sequence(
                 np.asarray(scene.points3d[i]), np.asarray(scene.tracks[i]), K,
                 np.asarray(scene.visible[i]), restarts=avdc_restarts, seed=i))
             secs.append(time.perf_counter() - start)
@@ -138,4 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from flipjax import console
+
+    with console.user_errors("benchmarks.geometry"):
+        main()

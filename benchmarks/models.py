@@ -221,4 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from flipjax import console
+
+    with console.user_errors("benchmarks.models"):
+        main()

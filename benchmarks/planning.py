@@ -24,7 +24,7 @@ and step count. Sizes:
 * ``tiny``: the ``:runlocal`` CVAE, DiT and value models (32x32 frames, 8 hash-text tokens of
   width 32, 3 history frames) on the tiny KL autoencoder (8x8x4 latents);
 * ``S``: CVAE-S (16 history frames), DiT-S (4 history + 15 future 16x16x4 latents, 529 query
-  points), the SD-VAE-architecture codec at 128x128 and the ``value_clip`` model (CLIP
+  points), the SD-VAE-architecture codec at 128x128 and the ``value.py:clip`` model (CLIP
   ViT-B/16 towers at 224, 4-frame clips). On this CPU the SD-VAE dominates (seconds per
   128x128 frame), so S runs the smallest search that still calls every model at its S shapes.
 
@@ -136,25 +136,30 @@ def build_world(size: str, seed: int = 0) -> tuple[WorldModel, Any, dict[str, An
 
     Args:
       size: "tiny" (the ``:runlocal`` configs, tiny KL autoencoder) or "S" (CVAE-S, DiT-S,
-        SD-VAE architecture, value_clip).
+        SD-VAE architecture, value.py:clip).
       seed: seed of the random parameters.
 
     Returns:
       (world model, the DiT's training schedule, info: image_size, text_tokens, text_dim,
       dit_history, latent_shape, future_frames and parameter counts per module).
     """
-    from experiments.configs import cvae_small, dit_small, value_clip
+    from experiments.configs import cvae as cvae_configs
+    from experiments.configs import dit as dit_configs
+    from experiments.configs import value as value_configs
     from experiments.trainers import cvae as cvae_trainer
     from experiments.trainers import dit as dit_trainer
     from experiments.trainers import value as value_trainer
+    from flipjax import builders
     from flipjax import codec as codec_lib
     from flipjax.models.autoencoder import AutoencoderKL, sd_vae_ft_ema, tiny_autoencoder
-    from flipjax.planning.loading import world_model_from_modules
+    from flipjax.planning.world_model import world_model_from_modules
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     arg = "runlocal" if size == "tiny" else None
-    cc, dc, vc = (m.get_config(arg) for m in (cvae_small, dit_small, value_clip))
+    suffix = f",{arg}" if arg else ""
+    cc, dc, vc = (m.get_config(v + suffix) for m, v in ((cvae_configs, "S"), (dit_configs, "S"),
+                                                          (value_configs, "clip")))
     image_size = tuple(int(s) for s in dc.image_size)
     text_tokens, text_dim = (8, 32) if size == "tiny" else (24, 384)
     key = jax.random.key(seed)
@@ -162,9 +167,9 @@ def build_world(size: str, seed: int = 0) -> tuple[WorldModel, Any, dict[str, An
     ae_abstract = jax.eval_shape(AutoencoderKL(ae_config).init, key,
                                  jnp.zeros((1, *image_size, 3)))
     codec = codec_lib.autoencoder_codec(ae_config, _random_params(ae_abstract, seed)["params"])
-    cvae = cvae_trainer.make_model(cc)
-    dit = dit_trainer.make_model(dc, codec)
-    value = value_trainer.make_model(vc)
+    cvae = builders.build_cvae(cc)
+    dit = builders.build_dit(dc, codec)
+    value = builders.build_value(vc)
     params = {
         "cvae": _random_params(jax.eval_shape(cvae_trainer.make_init_fn(cvae, text_tokens),
                                               key), seed + 1),
@@ -186,7 +191,7 @@ def build_world(size: str, seed: int = 0) -> tuple[WorldModel, Any, dict[str, An
             "params": {"cvae": _count(params["cvae"]), "dit": _count(params["dit"]),
                        "codec": _count(codec.params), "value": _count(params["value"])},
             "codec": "tiny KL autoencoder" if size == "tiny" else "SD-VAE architecture"}
-    return world, dit_trainer.make_schedule(dc), info
+    return world, builders.build_schedule(dc), info
 
 
 def make_problems(info: dict[str, Any], p: int, seed: int = 0) -> tuple[Array, Array, Array]:
@@ -403,4 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from flipjax import console
+
+    with console.user_errors("benchmarks.planning"):
+        main()

@@ -139,11 +139,11 @@ def trainer_figures(root: Path, quick: bool, only: list[str] | None = None) -> d
     # Evaluation off: these are training figures (the loop would still evaluate the last step).
     no_eval = {"eval_batches": 0}
     for name, config, extra in [
-        ("cvae_tiny", "experiments/configs/cvae_small.py:runlocal", no_eval),
-        ("dit_tiny", "experiments/configs/dit_small.py:runlocal",
+        ("cvae_tiny", "experiments/configs/cvae.py:S,runlocal", no_eval),
+        ("dit_tiny", "experiments/configs/dit.py:S,runlocal",
          {"codec.kind": "pixels", **no_eval}),
-        ("autoencoder_tiny", "experiments/configs/autoencoder_sd.py:runlocal", no_eval),
-        ("value_tiny", "experiments/configs/value_clip.py:runlocal", {"eval_episodes": 0}),
+        ("autoencoder_tiny", "experiments/configs/autoencoder.py:sd,runlocal", no_eval),
+        ("value_tiny", "experiments/configs/value.py:clip,runlocal", {"eval_episodes": 0}),
     ]:
         if only and name not in only:
             continue
@@ -152,8 +152,8 @@ def trainer_figures(root: Path, quick: bool, only: list[str] | None = None) -> d
     if not quick and (not only or {"cvae_S", "dit_S"} & set(only)):
         big = build_data(root, 128, horizon=16, history=16, text_dim=384, episodes=4)
         for name, config, extra in [
-            ("cvae_S", "experiments/configs/cvae_small.py", no_eval),
-            ("dit_S", "experiments/configs/dit_small.py",
+            ("cvae_S", "experiments/configs/cvae.py:S", no_eval),
+            ("dit_S", "experiments/configs/dit.py:S",
              {"codec.kind": "pixels", "codec.factor": 8, **no_eval}),
         ]:
             if only and name not in only:
@@ -298,4 +298,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from flipjax import console
+
+    with console.user_errors("benchmarks.train"):
+        main()

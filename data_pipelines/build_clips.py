@@ -638,9 +638,7 @@ def _flags() -> Any:
 
 def main(argv: list[str]) -> None:
     del argv
-    from absl import app, logging
-
-    logging.set_verbosity(logging.WARNING)  # tfds logs every dataset it constructs at INFO
+    from absl import app
 
     fl = FLAGS
     if not fl.rlds_dir or not fl.out:
@@ -658,13 +656,11 @@ def main(argv: list[str]) -> None:
         max_episodes=fl.max_episodes, min_episode_length=fl.min_episode_length,
         image_key=fl.image_key, language_key=fl.language_key, embedding_key=fl.embedding_key,
         orientation=fl.orientation, workers=fl.workers)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", text_lib.TextTruncationWarning)  # said below
-            m = build_clips(options)
-    except (ValueError, FileNotFoundError) as e:
-        # Bad input (a key, a directory, a camera, an option) is one line, not a traceback.
-        raise SystemExit(f"build_clips: error: {e}") from None
+    # Bad input (a key, a directory, a camera, an option) is one line, not a traceback:
+    # console.run below.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", text_lib.TextTruncationWarning)  # said below
+        m = build_clips(options)
     c = m["counts"]
     if c["truncated_instructions"]:
         print(f"build_clips: warning: {truncation_message(options, c)}", file=sys.stderr)
@@ -674,8 +670,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from flipjax import console
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     FLAGS = _flags()
-    app.run(main)
+    # tfds logs every dataset it constructs at INFO: quiet unless --verbosity says otherwise.
+    console.run(main, "build_clips", packages=("data_pipelines",))

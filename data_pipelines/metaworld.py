@@ -385,9 +385,8 @@ def _flags() -> Any:
 
 def main(argv: list[str]) -> None:
     del argv
-    from absl import app, logging
+    from absl import app
 
-    logging.set_verbosity(logging.WARNING)
     fl = FLAGS
     if not fl.out:
         raise app.UsageError("--out is required")
@@ -401,8 +400,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from flipjax import console
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     FLAGS = _flags()
-    app.run(main)
+    console.run(main, "metaworld", packages=("data_pipelines",))

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from data_pipelines.rlds_writer import step_features, write_rlds
 from data_pipelines.toy_tasks import ToyEpisode, episode_rng, sample_episode
 from data_pipelines.toy_world import ToyConfig, camera_poses, render_rgb_uint8
+from flipjax import console
 
 NAME, VERSION = "toy_world", "1.0.0"
 
@@ -155,7 +156,6 @@ _FORMAT = flags.DEFINE_enum("file_format", "tfrecord", ["tfrecord", "array_recor
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.set_verbosity(logging.WARNING)
     if not _OUT.value:
         raise app.UsageError("--out is required")
     config = ToyConfig(image_size=_SIZE.value, failure_fraction=_FAIL.value)
@@ -166,4 +166,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(main)
+    console.run(main, "toy", packages=("data_pipelines",))

@@ -162,4 +162,7 @@ def _real(args: argparse.Namespace, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from flipjax import console
+
+    with console.user_errors("data_demo"):  # one line (FLIPJAX_DEBUG=1: traceback)
+        main()

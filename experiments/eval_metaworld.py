@@ -33,6 +33,7 @@ import numpy as np
 from absl import app, flags
 
 from data_pipelines import metaworld_sim as ms
+from experiments import cli
 from flipjax.settings_record import describe_changes
 
 MODES = ("oracle", "avdc", "model")
@@ -317,4 +318,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main, "eval_metaworld")

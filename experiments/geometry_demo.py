@@ -131,4 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from flipjax import console
+
+    with console.user_errors("geometry_demo"):  # one line (FLIPJAX_DEBUG=1: traceback)
+        main()

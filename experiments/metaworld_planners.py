@@ -13,7 +13,7 @@ turned into a rigid motion:
   (``geometry.plan_manipulation``) make the plan. This measures geometry + controller: an
   upper bound for any video or flow model.
 * ``avdc``: the same oracle tracks, fitted the way AVDC's released code does it
-  (``benchmarks.avdc_baseline``: 2-D similarity RANSAC at 0.5 px, chained per-frame BFGS
+  (``flipjax.geometry.avdc_reference``: 2-D similarity RANSAC at 0.5 px, chained per-frame BFGS
   fits) and AVDC's own grasp test (vertical steps over ``subgoals[1:-2]`` only).
 * ``model``: a flipjax world model plans flows and video from the current frame and the
   instruction (``planning.hill_climb``); ``planning.plan_to_actions`` fits the chosen beam.
@@ -197,9 +197,9 @@ def fitted_plan(obs: dict[str, Any], points: np.ndarray, tracks: np.ndarray,
         info = {"inlier_fraction": float(np.mean(fit.inliers[0, 1:])),
                 "degenerate_frames": int(np.sum(fit.degenerate[0, 1:]))}
     elif method == "avdc":
-        from benchmarks import avdc_baseline
+        from flipjax.geometry import avdc_reference
 
-        transforms = avdc_baseline.fit_sequence(points, tracks, K, visible, seed=key_seed)
+        transforms = avdc_reference.fit_sequence(points, tracks, K, visible, seed=key_seed)
         info = {}
     else:
         raise ValueError(f"method must be 'flipjax' or 'avdc', got {method!r}")

@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import cli
@@ -123,7 +123,7 @@ def plan_config(config: Any, schedule: Any, use_value: bool | None = None) -> An
 def load_world_model(config: Any) -> tuple[Any, Any, Any]:
     """(world model, DiT schedule, the action run's trainer config) of ``config``'s runs."""
     from flipjax.planning import WorldModel
-    from flipjax.planning.loading import run_config
+    from flipjax.planning.world_model import run_config
 
     if config.ema not in EMA_CHOICES:
         raise ValueError(f"config.ema must be one of {sorted(EMA_CHOICES)}, got {config.ema!r}")
@@ -650,4 +650,4 @@ def main(argv: list[str], flag_holders: tuple[Any, Any]) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _flags = define_flags()
-    app.run(lambda argv: main(argv, _flags), flags_parser=cli.parse_flags)
+    cli.run(lambda argv: main(argv, _flags), "plan")

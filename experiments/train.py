@@ -1,8 +1,8 @@
 """Training entry point: one config file per experiment, one trainer module per FLIP module.
 
-    python -m experiments.train --config=experiments/configs/cvae_small.py --workdir=DIR \
+    python -m experiments.train --config=experiments/configs/cvae.py:S --workdir=DIR \
         [--config.total_steps=1000 --config.data_dir=CLIPS ...]
-    python -m experiments.train --config=experiments/configs/cvae_small.py:runlocal \
+    python -m experiments.train --config=experiments/configs/cvae.py:S,runlocal \
         --workdir=/tmp/cvae_local
 
 ``config.trainer`` names a module of ``experiments.trainers`` whose
@@ -12,6 +12,11 @@ cluster through ``jax.distributed.initialize()`` before anything touches the dev
 detects SLURM, Open MPI, Kubernetes and Cloud TPU, and elsewhere (e.g. several processes on one
 machine) the environment gives ``JAX_COORDINATOR_ADDRESS`` (host:port), ``JAX_NUM_PROCESSES``
 and ``JAX_PROCESS_ID``.
+
+The console shows the project's progress and third-party warnings (``--verbosity=0``: every
+INFO record, orbax and JAX included; ``--verbosity=1``: also the config); a user error (a
+missing data directory, a bad field value) is one line ``train: error: ...`` and exit status
+1, with the traceback when ``FLIPJAX_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import cli
@@ -96,10 +101,12 @@ def main(argv: list[str]) -> None:
 
     logging.info("JAX process %d/%d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
-    logging.info("config:\n%s", config)
+    # Every field, at --verbosity=1 (each checkpoint's metadata and TensorBoard's hparams
+    # keep it too).
+    logging.debug("config:\n%s", config)
     train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    app.run(main, flags_parser=cli.parse_flags)
+    cli.run(main, "train")

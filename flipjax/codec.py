@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flipjax import shapes
+from flipjax.models import autoencoder_json
 from flipjax.typing import Array, PyTree
 
 if TYPE_CHECKING:
@@ -66,9 +65,8 @@ if TYPE_CHECKING:
 
 KINDS = ("autoencoder", "pixels")
 SD_VAE_SCALE = 0.18215
-# Written by the autoencoder trainer into its workdir: json.dumps(dataclasses.asdict(config))
-# with the dtype as its name ("float32" / "bfloat16").
-AUTOENCODER_CONFIG_FILE = "autoencoder_config.json"
+# Written by the autoencoder trainer into its workdir (flipjax.models.autoencoder_json).
+AUTOENCODER_CONFIG_FILE = autoencoder_json.CONFIG_FILE
 FLOW_NORMALIZATIONS = ("pixels", "unit")
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors",
                       "diffusion_pytorch_model.fp16.safetensors")
@@ -267,52 +265,6 @@ def autoencoder_codec(config: AutoencoderConfig, params: PyTree,
                        float(config.shift_factor), config, jax.tree.map(jnp.asarray, params))
 
 
-def _dtype(value: Any) -> Any:
-    """A dtype given as a name (or a stringified type, e.g. "<class 'jax.numpy.float32'>")."""
-    if not isinstance(value, str):
-        return value
-    m = re.search(r"(bfloat16|float16|float32|float64)", value)
-    if m is None:
-        raise ValueError(f"unknown dtype {value!r} in the autoencoder config")
-    return jnp.dtype(m.group(1)).type
-
-
-def read_autoencoder_config(path: str | Path, **overrides: Any) -> AutoencoderConfig:
-    """An :class:`AutoencoderConfig` from its JSON (:data:`AUTOENCODER_CONFIG_FILE`).
-
-    Args:
-      path: the JSON file: an object of AutoencoderConfig fields (missing ones keep their
-        defaults; ``dtype`` as a name such as "float32").
-      **overrides: fields to set afterwards (e.g. ``dtype=jnp.bfloat16``).
-
-    Returns:
-      The config.
-
-    Raises:
-      ValueError: for unreadable JSON or unknown fields (named).
-    """
-    from flipjax.models.autoencoder import AutoencoderConfig
-
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the autoencoder config {path}: {e}") from e
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{path} must hold a JSON object of AutoencoderConfig fields")
-    fields = {f.name for f in dataclasses.fields(AutoencoderConfig)}
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        raise ValueError(f"{path} has fields AutoencoderConfig does not know: {unknown}")
-    values = dict(raw)
-    if "dtype" in values:
-        values["dtype"] = _dtype(values["dtype"])
-    if "block_out_channels" in values:
-        values["block_out_channels"] = tuple(values["block_out_channels"])
-    values.update(overrides)
-    return AutoencoderConfig(**values)
-
-
 def from_workdir(workdir: str | Path, config: AutoencoderConfig | None = None, *,
                  ema: bool = False, step: int | None = None,
                  scale: float | None = None) -> LatentCodec:
@@ -341,7 +293,7 @@ def from_workdir(workdir: str | Path, config: AutoencoderConfig | None = None, *
         if not path.exists():
             raise ValueError(f"autoencoder run {workdir} has no {AUTOENCODER_CONFIG_FILE}; pass "
                              "its AutoencoderConfig explicitly")
-        config = read_autoencoder_config(path)
+        config = autoencoder_json.read(path)
     params = _unwrap(load_params(workdir, step=step, ema=ema))
     _check_params(config, params, f"run {workdir}")
     return autoencoder_codec(config, params, scale)
@@ -471,5 +423,4 @@ __all__ = [
     "from_diffusers_dir",
     "from_workdir",
     "pixel_codec",
-    "read_autoencoder_config",
 ]

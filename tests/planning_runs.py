@@ -10,11 +10,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from experiments.configs import cvae_small, dit_small, value_clip
 from experiments.trainers import cvae as cvae_trainer
 from experiments.trainers import dit as dit_trainer
 from experiments.trainers import value as value_trainer
+from flipjax import builders
 from flipjax.checkpoints import Checkpointer
+from tests.experiments.helpers import cvae_small, dit_small, value_clip
 
 TEXT_TOKENS, TEXT_DIM = 16, 32
 
@@ -44,10 +45,10 @@ def make_planning_runs(root: Path) -> tuple[Path, dict, dict]:
     """
     key = jax.random.key(0)
     cc, dc, vc = (m.get_config("runlocal") for m in (cvae_small, dit_small, value_clip))
-    cvae = cvae_trainer.make_model(cc)
-    codec = dit_trainer.make_codec(dc)
-    dit = dit_trainer.make_model(dc, codec)
-    value = value_trainer.make_model(vc)
+    cvae = builders.build_cvae(cc)
+    codec = builders.build_codec(dc)
+    dit = builders.build_dit(dc, codec)
+    value = builders.build_value(vc)
     params = {
         "cvae": random_params(cvae_trainer.make_init_fn(cvae, TEXT_TOKENS), key, 0),
         "dit": random_params(dit_trainer.make_init_fn(dit, TEXT_TOKENS), key, 1),
@@ -63,5 +64,5 @@ def make_planning_runs(root: Path) -> tuple[Path, dict, dict]:
     # runlocal value: ema_decay 0.9; 0.9 ** 200 < 0.1, so the EMA loads.
     save_run(root / "value", vc, params["value"], 200, ema=ema)
     modules = dict(cvae=cvae, dit=dit, value=value, codec=codec, ema=ema,
-                   schedule=dit_trainer.make_schedule(dc))
+                   schedule=builders.build_schedule(dc))
     return root, params, modules

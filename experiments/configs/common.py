@@ -1,8 +1,10 @@
-"""Fields shared by every training config (``base_config``), ``:runlocal`` and the FlowCVAE
-config used by ``cvae_small/base/large``.
+"""Fields shared by every training config (``base_config``), ``:runlocal`` and the
+``--config=<family>.py:<variant>[,runlocal]`` argument (``parse_variant``).
 
-Every config file defines ``get_config(arg=None)``; ``arg`` is the text after the colon in
-``--config=path.py:arg``. ``runlocal`` turns a config into a seconds-long CPU smoke run.
+One config file per module family (``cvae.py``, ``dit.py``, ``value.py``, ``autoencoder.py``)
+defines ``get_config(arg)``; ``arg`` is the text after the colon in ``--config=path.py:arg``:
+the variant (a model size or a recipe) and optionally ``runlocal``, which turns the config
+into a seconds-long CPU smoke run. ``dit_large.py`` is the documented entry point of DiT-L.
 """
 
 from __future__ import annotations
@@ -29,6 +31,34 @@ def parse_arg(arg: str | None) -> bool:
     if arg == RUNLOCAL:
         return True
     raise ValueError(f"unknown config argument {arg!r}; the only one is {RUNLOCAL!r}")
+
+
+def parse_variant(arg: str | None, family: str, variants: tuple[str, ...]
+                  ) -> tuple[str | None, bool]:
+    """The variant and ``runlocal`` flag of ``--config=<family>.py:<variant>[,runlocal]``.
+
+    Args:
+      arg: the config-file argument, e.g. "L", "S,runlocal" or "runlocal" (a tiny CPU run,
+        whatever the variant).
+      family: the config file's name, for the error.
+      variants: the variants the file knows.
+
+    Returns:
+      (variant or None when only ``runlocal`` was given, runlocal).
+
+    Raises:
+      ValueError: for a missing or unknown variant or an unknown option, naming the valid ones.
+    """
+    parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+    runlocal = RUNLOCAL in parts
+    rest = [p for p in parts if p != RUNLOCAL]
+    usage = (f"use --config=experiments/configs/{family}.py:VARIANT with VARIANT one of "
+             f"{list(variants)} (add ',{RUNLOCAL}' for a tiny CPU run)")
+    if len(rest) > 1 or (rest and rest[0] not in variants):
+        raise ValueError(f"unknown config argument {arg!r} for {family}.py; {usage}")
+    if not rest and not runlocal:
+        raise ValueError(f"{family}.py needs a variant; {usage}")
+    return (rest[0] if rest else None), runlocal
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -109,56 +139,3 @@ def apply_runlocal(c: ml_collections.ConfigDict) -> None:
     c.schedule = "constant"
     c.async_checkpointing = False
     c.build_toy_data_if_missing = True
-
-
-def cvae_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
-    """A locked FlowCVAE training config.
-
-    Args:
-      size: official model size "S", "B" or "L" (runlocal always uses "tiny").
-      arg: the config-file argument: None or "runlocal".
-
-    Returns:
-      The locked config.
-    """
-    runlocal = parse_arg(arg)
-    c = base_config()
-    c.trainer = "cvae"
-
-    # Model: CVAEConfig.named(size, **fields). Defaults follow the official LIBERO recipe:
-    # 16 history frames at 128x128, 16-point flows.
-    c.model = ml_collections.ConfigDict(dict(
-        size=size, flow_horizon=16, history=16, img_size=(128, 128), patch=8,
-        # Must equal the clips' text_dim: 384 = MiniLM (build_clips --text=minilm).
-        language_dim=384,
-    ))
-    # The official recipe: AdamW at 1e-4, constant. The official global batch size was not
-    # verified from the released configs; 64 is a placeholder to tune per device count.
-    c.learning_rate = 1e-4
-    c.batch_size = 64
-    c.ema_decay = 0.9999
-
-    # flipjax.models.cvae_loss.CVAELossConfig; the official weights. The KL term is summed
-    # over the batch, so with its 1e-4 weight a small batch leaves the latent unconstrained
-    # (see the :runlocal value below).
-    c.loss = ml_collections.ConfigDict(dict(
-        direction=10.0, scale=10.0, kl=1e-4, ade=1.0, aux=1e-5, step_threshold=2.0,
-        ade_threshold=1.0, up_weight=100.0, kl_batch_sum=True, robust_kl=True))
-    c.num_points = 0  # tracked points per clip (random subset); 0 keeps all
-    # With num_points: up to this fraction of the subset drawn from moving points (0: uniform,
-    # the official sampling). See data_pipelines.loader.Augment.
-    c.moving_fraction = 0.0
-    c.track_noise = 0.0  # std (pixels) of the augmentation noise on tracks
-    c.eval_batches = 4  # 0 disables evaluation, also at the last step
-    c.ltdr_deltas = (2.0, 4.0, 8.0)
-
-    if runlocal:
-        apply_runlocal(c)
-        c.model.size = "tiny"
-        c.model.flow_horizon = 4
-        c.model.history = 2
-        c.model.img_size = (32, 32)
-        c.model.language_dim = 32
-        c.eval_batches = 2
-    c.lock()
-    return c

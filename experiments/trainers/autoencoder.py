@@ -52,10 +52,10 @@ is 1/std of its own training images' latents) and ``scale_for_unit_std`` (the sc
 factor that would give unit std). The sample image ``reconstruction`` is uint8[k*H 2W 3]:
 k rows of input | reconstruction.
 
-The workdir gets ``autoencoder_config.json`` (:data:`CONFIG_FILE`) at start: the
-``dataclasses.asdict`` of the run's :class:`AutoencoderConfig` with ``dtype`` as its name
+The workdir gets ``autoencoder_config.json`` at start (:mod:`flipjax.models.autoencoder_json`):
+the ``dataclasses.asdict`` of the run's :class:`AutoencoderConfig` with ``dtype`` as its name
 (e.g. "float32"; the training compute dtype, as is ``remat``: readers may override both).
-:func:`read_model_config` rebuilds the config; ``flipjax.codec`` reads it with the
+``autoencoder_json.read`` rebuilds the config; ``flipjax.codec`` reads it with the
 checkpoint's params.
 """
 
@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,14 +76,13 @@ from jax.sharding import Mesh
 
 from data_pipelines.loader import ClipDataset
 from experiments.trainers import clips, loop
-from flipjax import metrics
+from flipjax import builders, metrics
 from flipjax.checkpoints import checkpoint_dir, load_params
+from flipjax.models import autoencoder_json
 from flipjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
-from flipjax.settings_record import read_json_object
 from flipjax.sharding import replicated
 
 PyTree = Any
-CONFIG_FILE = "autoencoder_config.json"
 MODES = ("full", "decoder")
 RECON_LOSSES = ("l1", "l2")
 # Frozen in decoder mode: everything that produces the latents.
@@ -97,71 +95,6 @@ _DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # ------------------------------------------------------------------------------------------
 # Model, config file, batches and loss
 # ------------------------------------------------------------------------------------------
-
-
-def model_config(config: ml_collections.ConfigDict) -> AutoencoderConfig:
-    """``AutoencoderConfig(**config.model)`` with the run's compute dtype and remat."""
-    fields = config.model.to_dict()
-    dtype = loop.compute_dtype(config)
-    return AutoencoderConfig(**fields, dtype=jnp.float32 if dtype is None else dtype,
-                             remat=bool(config.remat))
-
-
-def make_model(config: ml_collections.ConfigDict) -> AutoencoderKL:
-    """The AutoencoderKL of ``config.model``."""
-    return AutoencoderKL(model_config(config))
-
-
-def config_to_json(cfg: AutoencoderConfig) -> dict[str, Any]:
-    """``dataclasses.asdict(cfg)`` with JSON types: dtype by name, tuples as lists."""
-    d = dataclasses.asdict(cfg)
-    d["dtype"] = jnp.dtype(cfg.dtype).name
-    d["block_out_channels"] = list(cfg.block_out_channels)
-    return d
-
-
-def config_from_json(d: dict[str, Any]) -> AutoencoderConfig:
-    """Inverse of :func:`config_to_json`.
-
-    Raises:
-      ValueError: for keys AutoencoderConfig does not have (named) or an unknown dtype.
-    """
-    known = {f.name for f in dataclasses.fields(AutoencoderConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"autoencoder config has unknown fields {unknown}")
-    d = dict(d)
-    if "dtype" in d:
-        name = str(d["dtype"])
-        if not hasattr(jnp, name):
-            raise ValueError(f"autoencoder config dtype {name!r} is not a jax.numpy dtype")
-        d["dtype"] = getattr(jnp, name)
-    if "block_out_channels" in d:
-        d["block_out_channels"] = tuple(d["block_out_channels"])
-    return AutoencoderConfig(**d)
-
-
-def write_model_config(cfg: AutoencoderConfig, workdir: str | Path) -> Path:
-    """Writes ``<workdir>/autoencoder_config.json`` (process 0 only); returns its path."""
-    path = Path(workdir) / CONFIG_FILE
-    if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config_to_json(cfg), indent=2) + "\n")
-    return path
-
-
-def read_model_config(path: str | Path) -> AutoencoderConfig:
-    """The AutoencoderConfig of a run: ``path`` is its workdir or the JSON file itself.
-
-    Raises:
-      ValueError: when the file is missing or malformed (named).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist: not a flipjax autoencoder workdir")
-    return config_from_json(read_json_object(path))
 
 
 def convert_batch(batch: dict[str, jax.Array]) -> jax.Array:
@@ -308,7 +241,7 @@ def resolve_init_from(config: ml_collections.ConfigDict) -> tuple[str, Path] | N
             return "safetensors", path
         raise ValueError(f"config.init_from {path}: only .safetensors weight files are read "
                          "(torch .bin/.ckpt need torch; convert them to safetensors)")
-    if checkpoint_dir(path).is_dir() or (path / CONFIG_FILE).is_file():
+    if checkpoint_dir(path).is_dir() or (path / autoencoder_json.CONFIG_FILE).is_file():
         return "workdir", path
     for d in (path, path / "vae"):
         if (d / "config.json").is_file():
@@ -333,7 +266,7 @@ def _diffusers_weights(directory: Path) -> Path:
 def _diffusers_config(cfg: AutoencoderConfig) -> dict[str, Any]:
     """Our config as a diffusers ``AutoencoderKL`` config dict (for bare weight files)."""
     n = len(cfg.block_out_channels)
-    d = {k: v for k, v in config_to_json(cfg).items()
+    d = {k: v for k, v in autoencoder_json.to_json(cfg).items()
          if k not in ("dtype", "remat", "eps")}
     return {**d, "down_block_types": ["DownEncoderBlock2D"] * n,
             "up_block_types": ["UpDecoderBlock2D"] * n, "act_fn": "silu"}
@@ -346,14 +279,14 @@ def check_init_from(config: ml_collections.ConfigDict) -> tuple[str, Path] | Non
     if source is None:
         return None
     kind, path = source
-    ours = model_config(config)
+    ours = builders.autoencoder_config(config)
     if kind == "diffusers":
         _diffusers_weights(path)
         theirs = AutoencoderConfig.from_diffusers((path / "config.json").read_text())
         _check_same_architecture(ours, theirs, path)
     elif kind == "workdir":
-        if (path / CONFIG_FILE).is_file():
-            _check_same_architecture(ours, read_model_config(path), path)
+        if (path / autoencoder_json.CONFIG_FILE).is_file():
+            _check_same_architecture(ours, autoencoder_json.read(path), path)
         if not checkpoint_dir(path).is_dir():
             raise ValueError(f"config.init_from {path} has no checkpoints/ to load")
     return source
@@ -373,7 +306,7 @@ def load_pretrained(config: ml_collections.ConfigDict) -> PyTree | None:
     if source is None:
         return None
     kind, path = source
-    cfg = model_config(config)
+    cfg = builders.autoencoder_config(config)
     if kind == "workdir":
         ema = bool(config.init_from_ema)
         try:
@@ -540,7 +473,7 @@ def validate(config: ml_collections.ConfigDict) -> AutoencoderConfig:
     for name in ("frames_per_clip", "eval_samples"):
         if int(config[name]) < 1:
             raise ValueError(f"config.{name} must be >= 1, got {config[name]}")
-    cfg = model_config(config)
+    cfg = builders.autoencoder_config(config)
     size = tuple(int(s) for s in config.image_size)
     f = cfg.downsample_factor
     if len(size) != 2 or size[0] % f or size[1] % f:
@@ -554,7 +487,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     checkpoints).
 
     Args:
-      config: an ``experiments/configs/autoencoder_*.py`` config.
+      config: an ``experiments/configs/autoencoder.py`` config.
       workdir: run directory; gets ``autoencoder_config.json``, checkpoints, metrics, samples.
 
     Returns:
@@ -563,7 +496,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     cfg = validate(config)
     check_init_from(config)
     model = AutoencoderKL(cfg)
-    write_model_config(cfg, workdir)
+    autoencoder_json.write(cfg, workdir)
     train_dir, eval_dir = clips.data_dirs(config, workdir)
     train_ds = open_frames(config, train_dir, "train")
     eval_ds = train_ds if eval_dir == train_dir else open_frames(config, eval_dir, "val")

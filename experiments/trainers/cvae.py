@@ -36,9 +36,10 @@ from jax.sharding import Mesh
 
 from data_pipelines.loader import ClipDataset
 from experiments.trainers import clips, loop
+from flipjax import builders
 from flipjax import metrics as flow_metrics
 from flipjax.models.cvae_loss import CVAELossConfig, cvae_loss
-from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
+from flipjax.models.flow_cvae import FlowCVAE
 
 PyTree = Any
 
@@ -46,22 +47,6 @@ PyTree = Any
 # ------------------------------------------------------------------------------------------
 # Model and batches
 # ------------------------------------------------------------------------------------------
-
-
-def model_config(config: ml_collections.ConfigDict) -> CVAEConfig:
-    """``CVAEConfig.named(config.model.size, **the other model fields)``, validated."""
-    m = config.model.to_dict()
-    size = m.pop("size")
-    m["img_size"] = tuple(int(s) for s in m["img_size"])
-    cfg = CVAEConfig.named(size, **m)
-    cfg.validate()
-    return cfg
-
-
-def make_model(config: ml_collections.ConfigDict) -> FlowCVAE:
-    """The FlowCVAE of ``config.model``, computing in ``config.compute_dtype``."""
-    dtype = loop.compute_dtype(config)
-    return FlowCVAE(model_config(config), dtype=jnp.float32 if dtype is None else dtype)
 
 
 def convert_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -133,7 +118,7 @@ def make_init_fn(model: FlowCVAE, text_tokens: int) -> Any:
 
 def clip_spec(config: ml_collections.ConfigDict) -> clips.ClipSpec:
     """The clips FlowCVAE needs: ``history`` frames, no future, ``flow_horizon``-step tracks."""
-    c = model_config(config)
+    c = builders.cvae_config(config)
     return clips.ClipSpec(image_size=tuple(c.img_size), horizon=c.flow_horizon,
                           history=c.history, future=0, text_dim=c.language_dim)
 
@@ -267,13 +252,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Trains FlowCVAE as configured (resuming ``workdir`` if it has checkpoints).
 
     Args:
-      config: a ``experiments/configs/cvae_*.py`` config.
+      config: an ``experiments/configs/cvae.py`` config.
       workdir: run directory.
 
     Returns:
       The final TrainState.
     """
-    model = make_model(config)
+    model = builders.build_cvae(config)
     train_dir, eval_dir = clips.data_dirs(config, workdir)
     spec = clip_spec(config)
     train_ds = clips.open_clips(config, train_dir, "train", spec)

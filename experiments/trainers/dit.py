@@ -52,104 +52,20 @@ from jax.sharding import Mesh
 
 from data_pipelines.loader import ClipDataset
 from experiments.trainers import clips, loop
+from flipjax import builders, metrics
 from flipjax import codec as codec_lib
-from flipjax import metrics
 from flipjax.codec import LatentCodec
 from flipjax.models import diffusion, sampling
-from flipjax.models.video_dit import VideoDiT, make_video_dit
+from flipjax.models.video_dit import VideoDiT
 from flipjax.sharding import batch_sharding, replicated
 
 PyTree = Any
 PSNR_CAP = 100.0
-SCHEDULES = {"linear": diffusion.linear_schedule, "cosine": diffusion.cosine_schedule}
 
 
 # ------------------------------------------------------------------------------------------
 # Codec and model
 # ------------------------------------------------------------------------------------------
-
-
-def codec_kind(config: ml_collections.ConfigDict) -> str:
-    """``config.codec.kind`` with "auto" resolved ("autoencoder" when a source is given)."""
-    cc = config.codec
-    kind = str(cc.kind)
-    if kind == "auto":
-        return "autoencoder" if (cc.workdir or cc.diffusers_dir) else "pixels"
-    if kind not in codec_lib.KINDS:
-        raise ValueError(f"config.codec.kind must be 'auto' or one of {codec_lib.KINDS}, "
-                         f"got {kind!r}")
-    return kind
-
-
-def make_codec(config: ml_collections.ConfigDict) -> LatentCodec:
-    """The frozen frame codec of ``config.codec`` (parameters on the host's first device).
-
-    Raises:
-      ValueError: an autoencoder codec without exactly one of ``codec.workdir`` /
-        ``codec.diffusers_dir``, or an unusable source (see :mod:`flipjax.codec`).
-      FileNotFoundError: an autoencoder run without checkpoints.
-    """
-    cc = config.codec
-    kind = codec_kind(config)
-    if kind == "pixels":
-        return codec_lib.pixel_codec(int(cc.factor))
-    if bool(cc.workdir) == bool(cc.diffusers_dir):
-        raise ValueError("config.codec.kind='autoencoder' needs exactly one of "
-                         "--config.codec.workdir (a flipjax autoencoder run) or "
-                         "--config.codec.diffusers_dir (a local diffusers SD-VAE directory); "
-                         f"got workdir={cc.workdir!r}, diffusers_dir={cc.diffusers_dir!r}")
-    scale = float(cc.scale) if cc.scale and cc.scale > 0 else None
-    if cc.workdir:
-        return codec_lib.from_workdir(cc.workdir, ema=bool(cc.ema), scale=scale)
-    return codec_lib.from_diffusers_dir(cc.diffusers_dir, scale=scale)
-
-
-def check_codec_fits(config: ml_collections.ConfigDict,
-                     codec: LatentCodec) -> tuple[int, int, int]:
-    """(h, w, C) of the latents of the configured frames, checked against the DiT.
-
-    Raises:
-      ValueError: frames that the codec cannot encode, latents that do not split into the
-        DiT's patches, or a codec for other than RGB frames.
-    """
-    image_size = tuple(int(s) for s in config.image_size)
-    if codec.image_channels != 3:
-        raise ValueError(f"the {codec.kind} codec encodes {codec.image_channels}-channel "
-                         "frames; clips are RGB")
-    h, w, c = codec.latent_shape(image_size)
-    patch = int(config.model.patch)
-    if h % patch or w % patch:
-        raise ValueError(f"the {codec.kind} codec (factor {codec.factor}) turns "
-                         f"{image_size[0]}x{image_size[1]} frames into {h}x{w} latents, which "
-                         f"do not split into the DiT's {patch}x{patch} patches; change "
-                         "config.image_size, config.model.patch or the codec")
-    return h, w, c
-
-
-def make_model(config: ml_collections.ConfigDict, codec: LatentCodec) -> VideoDiT:
-    """The VideoDiT of ``config.model`` on the codec's latents, computing in
-    ``config.compute_dtype``."""
-    h, w, c = check_codec_fits(config, codec)
-    m = config.model
-    if int(m.history) < 1 or int(m.flow_horizon) < 2:
-        raise ValueError(f"model.history must be >= 1 and model.flow_horizon >= 2, got "
-                         f"{m.history}, {m.flow_horizon}")
-    dtype = loop.compute_dtype(config)
-    return make_video_dit(
-        str(m.size), patch=int(m.patch), in_channels=c, latent_size=(h, w),
-        flow_horizon=int(m.flow_horizon), history=int(m.history),
-        learn_sigma=bool(m.learn_sigma), text_dim=int(m.text_dim),
-        text_layers=int(m.text_layers), text_heads=int(m.text_heads),
-        flow_attention=str(m.flow_attention), remat=bool(config.remat),
-        dtype=jnp.float32 if dtype is None else dtype)
-
-
-def make_schedule(config: ml_collections.ConfigDict) -> diffusion.Schedule:
-    """The training process: ``config.noise_schedule`` over ``config.diffusion_steps``."""
-    kind = str(config.noise_schedule)
-    if kind not in SCHEDULES:
-        raise ValueError(f"noise_schedule must be one of {sorted(SCHEDULES)}, got {kind!r}")
-    return SCHEDULES[kind](int(config.diffusion_steps))
 
 
 # ------------------------------------------------------------------------------------------
@@ -444,15 +360,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Trains the VideoDiT as configured (resuming ``workdir`` if it has checkpoints).
 
     Args:
-      config: a ``experiments/configs/dit_*.py`` config.
+      config: an ``experiments/configs/dit.py`` config.
       workdir: run directory.
 
     Returns:
       The final TrainState.
     """
-    codec = make_codec(config)
-    model = make_model(config, codec)
-    schedule = make_schedule(config)
+    codec = builders.build_codec(config)
+    model = builders.build_dit(config, codec)
+    schedule = builders.build_schedule(config)
     train_dir, eval_dir = clips.data_dirs(config, workdir)
     spec = clip_spec(config)
     train_ds = clips.open_clips(config, train_dir, "train", spec)

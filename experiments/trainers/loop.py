@@ -40,6 +40,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from experiments.trainers import common
+from flipjax import builders
 from flipjax.checkpoints import Checkpointer, handle_preemption
 from flipjax.sharding import create_mesh
 
@@ -50,7 +51,6 @@ EvalFn = Callable[[common.TrainState, int], Mapping[str, Any]]
 SAMPLES_DIR = "samples"
 METRICS_FILE = "metrics.jsonl"
 PROFILE_DIR = "profile"
-DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 class Loader(Protocol):
@@ -66,14 +66,6 @@ class Loader(Protocol):
 # ------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------
-
-
-def compute_dtype(config: ml_collections.ConfigDict) -> Any:
-    """``config.compute_dtype`` ("float32" | "bfloat16") as a jnp dtype (None = float32)."""
-    name = config.get("compute_dtype", "float32") or "float32"
-    if name not in DTYPES:
-        raise ValueError(f"compute_dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> Mesh:
@@ -293,7 +285,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
         init_fn, tx, jax.random.key(int(config.seed)), mesh=mesh, ema_decay=ema_decay)
     train_step = common.make_train_step(
         loss_fn, tx, shardings, mesh, learning_rate_fn=common.make_learning_rate_fn(config),
-        ema_decay=ema_decay, compute_dtype=compute_dtype(config))
+        ema_decay=ema_decay, compute_dtype=builders.compute_dtype(config))
     logging.info("%s", parameter_overview(state.params))
 
     ckpt = Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),

@@ -19,12 +19,12 @@ from absl import logging
 
 from experiments.trainers import clips, loop
 
-# module -> (config module, trainer module, what it is)
+# module -> (config file:variant, trainer module, what it is)
 MODULES = {
-    "autoencoder": ("autoencoder_sd", "autoencoder", "frame codec (SD-VAE architecture)"),
-    "cvae": ("cvae_small", "cvae", "action module (flow CVAE)"),
-    "dit": ("dit_small", "dit", "dynamics module (latent video DiT)"),
-    "value": ("value_clip", "value", "value module (LIV-style)"),
+    "autoencoder": ("autoencoder:sd", "autoencoder", "frame codec (SD-VAE architecture)"),
+    "cvae": ("cvae:S", "cvae", "action module (flow CVAE)"),
+    "dit": ("dit:S", "dit", "dynamics module (latent video DiT)"),
+    "value": ("value:clip", "value", "value module (LIV-style)"),
 }
 SUMMARY_FILE = "quickstart.json"
 # Fields of the quickstart config that every module's config takes over.
@@ -53,8 +53,9 @@ def module_config(config: ml_collections.ConfigDict, module: str, workdir: Path,
     """The ``:runlocal`` config of ``module`` with the quickstart's shared fields."""
     import importlib
 
-    sub = importlib.import_module(f"experiments.configs.{MODULES[module][0]}").get_config(
-        "runlocal")
+    family, variant = MODULES[module][0].split(":")
+    sub = importlib.import_module(f"experiments.configs.{family}").get_config(
+        f"{variant},runlocal")
     for name in SHARED:
         sub[name] = config[name]
     sub.mesh = config.mesh.to_dict()
@@ -82,11 +83,11 @@ def _unit_std_scale(run: Path) -> float:
 
 def _prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Path, Path]:
     """Builds the toy clips once, with the action module's layout, when data_dir is empty."""
-    from experiments.configs import cvae_small
+    from experiments.configs import cvae as cvae_configs
     from experiments.trainers import cvae
 
     train_dir, eval_dir = clips.data_dirs(config, workdir)
-    spec_config = cvae_small.get_config("runlocal")
+    spec_config = cvae_configs.get_config("S,runlocal")
     for name in SHARED:
         spec_config[name] = config[name]
     spec = cvae.clip_spec(spec_config)
@@ -147,5 +148,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "eval": evals[-1] if evals else None, "samples": _samples(run)}
         path = root / SUMMARY_FILE
         path.write_text(json.dumps(summary, indent=2))
-    logging.info("quickstart done: %s", root / SUMMARY_FILE)
+    logging.info("%s", summary_text(summary, root / SUMMARY_FILE))
     return summary
+
+
+def summary_text(summary: dict[str, Any], path: Path) -> str:
+    """The closing console lines: one per module (step, training time, run directory)."""
+    modules = summary["modules"]
+    seconds = sum(m["seconds"] for m in modules.values())
+    lines = [f"quickstart done: trained in {seconds:.0f}s; final evaluations in {path}"]
+    width = max(map(len, modules), default=0)
+    lines += [f"  {name:<{width}}  step {m['step']}  {m['seconds']:>6.1f}s  {m['workdir']}"
+              for name, m in modules.items()]
+    return "\n".join(lines)

@@ -35,7 +35,6 @@ trains from random initialisation; FLIP starts from LIV's CLIP weights.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -49,42 +48,18 @@ from jax.sharding import Mesh, NamedSharding
 from data_pipelines.episodes import VipSampler, make_episode_loader
 from data_pipelines.loader import ClipDataset
 from experiments.trainers import clips, loop
+from flipjax import builders, viz
 from flipjax import metrics as value_metrics
-from flipjax import viz
-from flipjax.models.value import ValueConfig, ValueModel, fit_frames, get_value_config
+from flipjax.models.value import ValueModel, fit_frames
 from flipjax.models.value_loss import LivLossWeights, liv_loss, value_from_embeddings
 from flipjax.sharding import batch_sharding, replicated
 
 PyTree = Any
-# config.model fields that are not ValueConfig fields.
-_NOT_VALUE_CONFIG = ("name", "language_dim")
 
 
 # ------------------------------------------------------------------------------------------
 # Model and batches
 # ------------------------------------------------------------------------------------------
-
-
-def model_config(config: ml_collections.ConfigDict) -> ValueConfig:
-    """``get_value_config(config.model.name, **the other model fields)`` in the compute dtype.
-
-    Raises:
-      ValueError: for an unknown model name or invalid sizes (ValueConfig's checks).
-    """
-    m = config.model.to_dict()
-    name = m["name"]
-    fields = {f.name for f in dataclasses.fields(ValueConfig)}
-    unknown = sorted(set(m) - fields - set(_NOT_VALUE_CONFIG))
-    if unknown:
-        raise ValueError(f"config.model has fields ValueConfig does not know: {unknown}")
-    overrides = {k: v for k, v in m.items() if k not in _NOT_VALUE_CONFIG}
-    dtype = loop.compute_dtype(config)
-    return get_value_config(name, **overrides, dtype=jnp.float32 if dtype is None else dtype)
-
-
-def make_model(config: ml_collections.ConfigDict) -> ValueModel:
-    """The ValueModel of ``config.model``."""
-    return ValueModel(model_config(config))
 
 
 def loss_weights(config: ml_collections.ConfigDict) -> LivLossWeights:
@@ -174,7 +149,7 @@ def open_episodes(config: ml_collections.ConfigDict, directory: str | Path,
       ValueError: missing data or clips that do not fit the model (named).
     """
     directory = Path(directory)
-    cfg = model_config(config)
+    cfg = builders.value_config(config)
     text_dim = int(config.model.language_dim)
     toy = int(config.toy_image_size)
     if not (directory / "manifest.json").exists() and config.build_toy_data_if_missing:
@@ -290,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     """Trains the value model as configured (resuming ``workdir`` if it has checkpoints).
 
     Args:
-      config: a ``experiments/configs/value_*.py`` config.
+      config: an ``experiments/configs/value.py`` config.
       workdir: run directory.
 
     Returns:
@@ -301,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
             f"config.toy_failure_fraction={config.toy_failure_fraction}: the value module "
             "takes each episode's last frame as its goal, so it must train on successful "
             "episodes only; train it on a build with toy_failure_fraction=0")
-    model = make_model(config)
+    model = builders.build_value(config)
     train_dir, eval_dir = clips.data_dirs(config, workdir)
     train_ds = open_episodes(config, train_dir, "train")
     eval_ds = train_ds if eval_dir == train_dir else open_episodes(config, eval_dir, "val")

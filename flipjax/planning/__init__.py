@@ -5,7 +5,7 @@ params; ``hill_climb`` plans P problems with B beams and A candidates per step a
 ``lax.scan`` program and returns a ``Plan``. See ``beam_search`` for the departures from the
 official FLIP planner. ``plan_to_actions`` turns the chosen plan's tracks into object (or
 camera) motion, subgoals and grasp/push or navigation actions with ``flipjax.geometry``;
-``WorldModel.from_checkpoints`` loads trained runs (``loading``, the one part that imports flax).
+``WorldModel.from_checkpoints`` loads trained runs (it imports flax when it runs).
 """
 
 from flipjax.planning.actions import MODES, PlanActions, plan_to_actions

@@ -14,9 +14,9 @@ from data_pipelines.episodes import (
     make_episode_loader,
 )
 from data_pipelines.loader import ClipDataset
-from experiments.configs import value_clip
 from experiments.trainers import clips
 from flipjax.sharding import create_mesh
+from tests.experiments.helpers import value_clip
 
 CLIP_LEN = 3
 

@@ -3,7 +3,7 @@ not a test itself.
 
     python -m tests.experiments.multihost_train_worker WORKDIR CLIPS_DIR STEPS
 
-One process with 2 CPU devices trains the ``cvae_small:runlocal`` FlowCVAE exactly as two
+One process with 2 CPU devices trains the ``cvae.py:S,runlocal`` FlowCVAE exactly as two
 processes with one device each do: its loader reads the two processes' data shards
 (``make_loader(process_index=p, process_count=2)``) and places shard p on device p, which is
 where ``jax.make_array_from_process_local_data`` puts process p's batch in the two-process
@@ -20,9 +20,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments.configs import cvae_small
 from experiments.trainers import clips, cvae, loop
+from flipjax import builders
 from flipjax.sharding import shard_batch
+from tests.experiments.helpers import cvae_small
 
 PROCESSES = 2
 
@@ -63,7 +64,7 @@ def main() -> None:
     logging.set_verbosity(logging.INFO)  # the loop's console lines, shown when the test fails
     assert jax.device_count() == PROCESSES, jax.devices()
     config = config_for(clips_dir, steps)
-    model = cvae.make_model(config)
+    model = builders.build_cvae(config)
     ds = clips.open_clips(config, clips_dir, "train", cvae.clip_spec(config))
 
     def make_loader(mesh):

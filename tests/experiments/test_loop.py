@@ -297,14 +297,17 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
     assert steps[-2:] == [reached + 1, reached + 2]
 
 
-def _cli(*args):
+def _cli(*args, debug=False):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
+    env.pop("FLIPJAX_DEBUG", None)
+    if debug:
+        env["FLIPJAX_DEBUG"] = "1"
     return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_unknown_config_field_fails_at_start(tmp_path):
-    res = _cli("--config=experiments/configs/cvae_small.py:runlocal",
+    res = _cli("--config=experiments/configs/cvae.py:S,runlocal",
                f"--workdir={tmp_path / 'run'}", "--config.no_such_field=1")
     assert res.returncode != 0
     assert "the config has no field 'no_such_field'" in res.stderr
@@ -314,11 +317,45 @@ def test_cli_unknown_config_field_fails_at_start(tmp_path):
 
 def test_cli_missing_data_dir_fails_at_start(tmp_path):
     missing = tmp_path / "no_clips_here"
-    res = _cli("--config=experiments/configs/cvae_small.py", f"--workdir={tmp_path / 'run'}",
+    res = _cli("--config=experiments/configs/cvae.py:S", f"--workdir={tmp_path / 'run'}",
                f"--config.data_dir={missing}")
-    assert res.returncode != 0
-    assert f"data directory {missing} does not exist" in res.stderr
+    assert res.returncode == 1
+    # One line naming the problem, last on stderr, and no traceback.
+    errors = [line for line in res.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [res.stderr.strip().splitlines()[-1]], res.stderr[-3000:]
+    assert errors[0].startswith(f"train: error: data directory {missing} does not exist")
+    assert "Traceback" not in res.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # FLIPJAX_DEBUG=1: the exception itself, traceback included.
+    debug = _cli("--config=experiments/configs/cvae.py:S", f"--workdir={tmp_path / 'run'}",
+                 f"--config.data_dir={missing}", debug=True)
+    assert debug.returncode != 0
+    assert "Traceback (most recent call last)" in debug.stderr
+    assert f"ValueError: data directory {missing} does not exist" in debug.stderr
+
+
+def test_cli_usage_errors_are_one_line(tmp_path):
+    res = _cli("--config=experiments/configs/cvae.py:S")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        "train: error: --workdir is required (--help lists the flags)"]
+    res = _cli("--config=experiments/configs/cvae.py:S", f"--workdir={tmp_path / 'run'}",
+               "--config.trainer=no_such_trainer")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(
+        "train: error: unknown trainer 'no_such_trainer' (config.trainer); available trainers:")
+    missing = "experiments/configs/no_such_config.py"
+    res = _cli(f"--config={missing}", f"--workdir={tmp_path / 'run'}")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"train: error: --config: [Errno 2] No such file or directory: '{missing}' "
+        "(--help lists the flags)"]
+    res = _cli("--config=experiments/configs/cvae.py:no_such_variant",
+               f"--workdir={tmp_path / 'run'}")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith("train: error: flag --config=experiments/configs/cvae.py:no_such_"
+                           "variant: Error whilst parsing config file: ValueError: "), line
 
 
 # ------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ process with two devices ends.
 
 The two-process run is the real command line (``python -m experiments.train`` with
 ``--config.distributed=True`` and the coordinator in the environment) training the
-``cvae_small:runlocal`` FlowCVAE on prebuilt toy clips; each process has one CPU device and
+``cvae.py:S,runlocal`` FlowCVAE on prebuilt toy clips; each process has one CPU device and
 loads its own data shard, and both write their parts of the checkpoints into the shared
 workdir. The run stops after STEPS - 1 steps and a second two-process run resumes it (each
 process from its own data position) to STEPS. The reference (multihost_train_worker.py) is
@@ -26,9 +26,9 @@ import pytest
 pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("grain")
 
-from experiments.configs import cvae_small
 from experiments.trainers import cvae, loop
 from flipjax.checkpoints import Checkpointer, load_params
+from tests.experiments.helpers import cvae_small
 
 # Five processes import TensorFlow (clu) and compile the CVAE: ~2 CPU-minutes, over the
 # default suite's budget. Run with `pytest -m slow tests/experiments/test_multihost_train.py`.
@@ -54,7 +54,7 @@ def _base_env():
 def _cli_processes(workdir, clips_dir, steps):
     port = _free_port()
     cli = [sys.executable, "-m", "experiments.train",
-           "--config=experiments/configs/cvae_small.py:runlocal", f"--workdir={workdir}",
+           "--config=experiments/configs/cvae.py:S,runlocal", f"--workdir={workdir}",
            "--config.distributed=True", f"--config.data_dir={clips_dir}",
            f"--config.total_steps={steps}", "--config.batch_size=4", "--config.log_every=1",
            "--config.checkpoint_every=1000", "--config.eval_batches=0"]

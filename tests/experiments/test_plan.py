@@ -16,9 +16,9 @@ pytest.importorskip("matplotlib")
 
 from data_pipelines import toy_problems as tp
 from experiments import plan as plan_cli
-from experiments.configs import cvae_small, dit_small
 from experiments.configs import plan as plan_config_file
-from experiments.trainers import dit as dit_trainer
+from flipjax import builders
+from tests.experiments.helpers import cvae_small, dit_small
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TEXT_TOKENS, TEXT_DIM = 16, 32
@@ -178,7 +178,7 @@ def test_config_and_search_settings():
     assert local.num_problems == 2 and local.horizon == 2
     with pytest.raises(ValueError, match="runlocal"):
         plan_config_file.get_config("fast")
-    schedule = dit_trainer.make_schedule(dit_small.get_config("runlocal"))
+    schedule = builders.build_schedule(dit_small.get_config("runlocal"))
     search = plan_cli.plan_config(local, schedule)
     assert search.sample_steps == 2 and search.clip_x0 == 4.0 and search.use_value
     local.sample_steps, local.clip_x0 = "ddim25", 0.0

@@ -46,7 +46,8 @@ def bridge_clips(tmp_path_factory):
 
 
 def train(config, workdir, clips, total_steps, *overrides):
-    """Runs ``python -m experiments.train`` with ``config``'s :runlocal config on ``clips``
+    """Runs ``python -m experiments.train`` with ``config`` (``family.py:variant``) and
+    ``,runlocal`` on ``clips``
     (never toy data: a missing manifest must fail, not silently build toy clips there).
 
     Returns:
@@ -58,7 +59,7 @@ def train(config, workdir, clips, total_steps, *overrides):
            "XLA_FLAGS": f"{xla_flags} --xla_force_host_platform_device_count={DEVICES}".strip()}
     res = subprocess.run(
         [sys.executable, "-m", "experiments.train",
-         f"--config=experiments/configs/{config}:runlocal", f"--workdir={workdir}",
+         f"--config=experiments/configs/{config},runlocal", f"--workdir={workdir}",
          f"--config.data_dir={clips}", f"--config.eval_data_dir={clips}",
          "--config.build_toy_data_if_missing=False",
          f"--config.total_steps={total_steps}", f"--config.batch_size={BATCH}",
@@ -106,7 +107,7 @@ def test_cvae_trains_checkpoints_and_resumes_on_real_clips(bridge_clips, tmp_pat
     workdir = tmp_path / "cvae"
     overrides = (f"--config.model.img_size=({SIZE}, {SIZE})",
                  f"--config.model.language_dim={TEXT_DIM}")
-    log = train("cvae_small.py", workdir, clips_dir, 4, *overrides)
+    log = train("cvae.py:S", workdir, clips_dir, 4, *overrides)
     assert f"{EPISODES * STEPS} training clips in {clips_dir}" in log
     assert not (workdir / "toy_data").exists()
     with Checkpointer(workdir) as ckpt:
@@ -118,7 +119,7 @@ def test_cvae_trains_checkpoints_and_resumes_on_real_clips(bridge_clips, tmp_pat
     # The model reads the 512-d sentence embedding.
     assert load_params(workdir)["language_encoder"]["kernel"].shape[0] == TEXT_DIM
 
-    log = train("cvae_small.py", workdir, clips_dir, 6, *overrides)
+    log = train("cvae.py:S", workdir, clips_dir, 6, *overrides)
     assert f"resumed from step 4 of {workdir}" in log
     records = train_records(workdir)
     assert records[:4] == first  # the resumed run appends, it does not retrain steps 1-4
@@ -136,7 +137,7 @@ def test_cvae_trains_checkpoints_and_resumes_on_real_clips(bridge_clips, tmp_pat
 def test_dit_trains_and_checkpoints_on_real_clips(bridge_clips, tmp_path):
     clips_dir, _ = bridge_clips
     workdir = tmp_path / "dit"
-    log = train("dit_small.py", workdir, clips_dir, 4, f"--config.image_size=({SIZE}, {SIZE})",
+    log = train("dit.py:S", workdir, clips_dir, 4, f"--config.image_size=({SIZE}, {SIZE})",
                 f"--config.model.text_dim={TEXT_DIM}", "--config.model.text_layers=1",
                 "--config.codec.kind=pixels")
     assert f"{EPISODES * STEPS} training clips in {clips_dir}" in log

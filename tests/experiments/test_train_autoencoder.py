@@ -14,11 +14,12 @@ pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("grain")
 
 from experiments import train as train_cli
-from experiments.configs import autoencoder_finetune, autoencoder_sd
 from experiments.trainers import autoencoder, loop
+from flipjax import builders
 from flipjax.checkpoints import Checkpointer, load_params
+from flipjax.models import autoencoder_json
 from flipjax.models.autoencoder import AutoencoderConfig
-from tests.experiments.helpers import runlocal_config
+from tests.experiments.helpers import autoencoder_finetune, autoencoder_sd, runlocal_config
 
 # Smaller than the :runlocal codec (3 levels, 2 ResNets each): XLA's CPU compile time, which
 # dominates these runs, grows with the number of layers.
@@ -71,9 +72,9 @@ def _check_run(config, workdir, steps):
     # eval_samples rows of input | reconstruction.
     assert Image.open(png).size == (2 * 32, config.eval_samples * 32)
     # The model config file rebuilds the run's AutoencoderConfig.
-    raw = json.loads((workdir / autoencoder.CONFIG_FILE).read_text())
+    raw = json.loads((workdir / autoencoder_json.CONFIG_FILE).read_text())
     assert raw["dtype"] == "float32" and raw["block_out_channels"] == [32, 32]
-    assert autoencoder.read_model_config(workdir) == autoencoder.model_config(config)
+    assert autoencoder_json.read(workdir) == builders.autoencoder_config(config)
 
 
 def test_full_runlocal_trains_evaluates_and_writes_config(full_run):
@@ -136,7 +137,7 @@ def test_init_from_diffusers_directory_and_safetensors_file(full_run, tmp_path):
     weights = sd_vae_to_diffusers({"params": params})
     assert all(v.flags.c_contiguous for v in weights.values())
     save_file(weights, str(directory / "diffusion_pytorch_model.safetensors"))
-    model_cfg = autoencoder.read_model_config(source)
+    model_cfg = autoencoder_json.read(source)
     (directory / "config.json").write_text(json.dumps({
         "_class_name": "AutoencoderKL", "block_out_channels": [32, 32],
         "down_block_types": ["DownEncoderBlock2D"] * 2,
@@ -190,8 +191,8 @@ def test_configs_build_with_recipe_values():
     sd, ft = autoencoder_sd.get_config(), autoencoder_finetune.get_config()
     assert sd.trainer == ft.trainer == "autoencoder"
     assert (sd.mode, ft.mode) == ("full", "decoder")
-    assert autoencoder.model_config(sd).block_out_channels == (128, 256, 512, 512)
-    assert autoencoder.model_config(ft) == autoencoder.model_config(sd)
+    assert builders.autoencoder_config(sd).block_out_channels == (128, 256, 512, 512)
+    assert builders.autoencoder_config(ft) == builders.autoencoder_config(sd)
     assert tuple(sd.image_size) == (128, 128) and sd.kl_weight == 1e-6
     assert (sd.b1, sd.b2, sd.weight_decay, sd.ema_decay) == (0.5, 0.9, 0.0, None)
     # LDM's rate rule follows the effective batch.
@@ -206,7 +207,7 @@ def test_configs_build_with_recipe_values():
         assert local.runlocal and local.total_steps == 50 and local.batch_size == 4
         assert tuple(local.image_size) == (32, 32) and local.toy_horizon == 4
         assert local.toy_text_dim == 32 and local.toy_grid == 8
-        assert autoencoder.model_config(local).block_out_channels == (32, 64, 64)
+        assert builders.autoencoder_config(local).block_out_channels == (32, 64, 64)
         with pytest.raises(ValueError, match="runlocal"):
             module.get_config("fast")
 
@@ -231,10 +232,10 @@ def test_loss_known_answers():
 
 def test_model_config_json_round_trip_and_errors(tmp_path):
     cfg = AutoencoderConfig(block_out_channels=(32, 64), dtype=jnp.bfloat16, remat=True)
-    path = autoencoder.write_model_config(cfg, tmp_path)
-    assert autoencoder.read_model_config(path) == cfg
+    path = autoencoder_json.write(cfg, tmp_path)
+    assert autoencoder_json.read(path) == cfg
     path.write_text(json.dumps({**json.loads(path.read_text()), "extra": 1}))
     with pytest.raises(ValueError, match=r"unknown fields.*extra"):
-        autoencoder.read_model_config(tmp_path)
+        autoencoder_json.read(tmp_path)
     with pytest.raises(ValueError, match="not a flipjax autoencoder workdir"):
-        autoencoder.read_model_config(tmp_path / "nowhere")
+        autoencoder_json.read(tmp_path / "nowhere")

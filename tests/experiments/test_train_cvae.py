@@ -15,10 +15,10 @@ pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("grain")
 
 from experiments import train as train_cli
-from experiments.configs import cvae_base, cvae_large, cvae_small
 from experiments.trainers import clips, cvae, loop
+from flipjax import builders
 from flipjax.checkpoints import Checkpointer, load_params
-from tests.experiments.helpers import BATCH, runlocal_config
+from tests.experiments.helpers import BATCH, cvae_base, cvae_large, cvae_small, runlocal_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def test_cli_runlocal_writes_checkpoint_and_metrics(toy_dirs, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu"}
     res = subprocess.run(
         [sys.executable, "-m", "experiments.train",
-         "--config=experiments/configs/cvae_small.py:runlocal", f"--workdir={workdir}",
+         "--config=experiments/configs/cvae.py:S,runlocal", f"--workdir={workdir}",
          "--config.total_steps=6", f"--config.batch_size={BATCH}", "--config.log_every=3",
          f"--config.data_dir={toy_dirs[0]}", f"--config.eval_data_dir={toy_dirs[1]}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -132,11 +132,11 @@ def test_configs_build_without_data(module, hidden):
     c = module.get_config()
     assert c.trainer == "cvae" and not c.runlocal and not c.build_toy_data_if_missing
     assert c.learning_rate == 1e-4 and c.ema_decay == 0.9999
-    assert cvae.model_config(c).hidden == hidden
+    assert builders.cvae_config(c).hidden == hidden
     with pytest.raises(AttributeError):
         c.not_a_field = 1  # locked
     local = module.get_config("runlocal")
-    assert local.runlocal and cvae.model_config(local).hidden == 64
+    assert local.runlocal and builders.cvae_config(local).hidden == 64
     assert local.total_steps == 50 and local.batch_size == 4
     with pytest.raises(ValueError, match="runlocal"):
         module.get_config("fast")

@@ -15,12 +15,12 @@ pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("grain")
 
 from data_pipelines.loader import ClipDataset
-from experiments.configs import dit_base, dit_large, dit_small
 from experiments.trainers import dit, loop
+from flipjax import builders
 from flipjax import codec as codec_lib
 from flipjax.checkpoints import Checkpointer, load_params
 from flipjax.models.autoencoder import AutoencoderKL, sd_vae_ft_ema, tiny_autoencoder
-from tests.experiments.helpers import BATCH, runlocal_config
+from tests.experiments.helpers import BATCH, dit_base, dit_large, dit_small, runlocal_config
 
 
 def local_config(toy_dirs, total_steps, eval_batches=0):
@@ -104,20 +104,20 @@ def test_configs_build_with_the_recipe(module, size, hidden):
     assert (c.codec.kind, c.codec.scale, c.model.text_dim) == ("autoencoder", 0.18215, 384)
     assert not c.codec.workdir and not c.codec.diffusers_dir
     with pytest.raises(ValueError, match="exactly one of"):
-        dit.make_codec(c)  # the codec source must be given on the command line
+        builders.build_codec(c)  # the codec source must be given on the command line
     # The SD-VAE layout: 128x128 frames -> 16x16x4 latents, 19-frame clips.
     sd_like = codec_lib.LatentCodec("autoencoder", 8, 4, 0.18215,
                                     autoencoder=sd_vae_ft_ema())
-    model = dit.make_model(c, sd_like)
+    model = builders.build_dit(c, sd_like)
     assert model.hidden == hidden and model.latent_size == (16, 16) and model.num_frames == 19
     with pytest.raises(AttributeError):
         c.not_a_field = 1  # locked
     local = module.get_config("runlocal")
     assert local.runlocal and local.total_steps == 50 and local.batch_size == 4
-    assert dit.codec_kind(local) == "pixels"
-    codec = dit.make_codec(local)
+    assert builders.codec_kind(local) == "pixels"
+    codec = builders.build_codec(local)
     assert (codec.factor, codec.channels) == (4, 48)
-    local_model = dit.make_model(local, codec)
+    local_model = builders.build_dit(local, codec)
     assert local_model.hidden == 64 and local_model.latent_size == (8, 8)
     assert local_model.num_frames == 5 and dit.clip_spec(local).future == 3
     with pytest.raises(ValueError, match="runlocal"):
@@ -167,6 +167,6 @@ def test_trains_on_a_saved_autoencoder_checkpoint(toy_dirs, tmp_path):
     assert [r["step"] for r in train] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in train)
     # The batches are the autoencoder's latents of the clips.
-    codec = dit.make_codec(c)
+    codec = builders.build_codec(c)
     assert codec.kind == "autoencoder" and codec.latent_shape((32, 32)) == (8, 8, 48)
     assert codec.scale == pytest.approx(0.18215)

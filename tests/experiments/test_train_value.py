@@ -13,11 +13,11 @@ pytest.importorskip("grain")
 from PIL import Image
 
 from experiments import train as train_cli
-from experiments.configs import value_clip, value_liv
 from experiments.trainers import clips, loop, value
+from flipjax import builders
 from flipjax.checkpoints import Checkpointer, load_params
 from flipjax.models.value import ValueConfig
-from tests.experiments.helpers import runlocal_config
+from tests.experiments.helpers import runlocal_config, value_clip, value_liv
 
 
 def local_config(module, toy_dirs, total_steps, eval_episodes=0):
@@ -49,7 +49,7 @@ def test_liv_runlocal_two_steps(toy_dirs, tmp_path):
     config.eval_stride = 3  # fewer states per curve: a faster eval, same code path
     state = value.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 2 and int(state.skipped) == 0
-    assert value.model_config(config).clip_len == 1
+    assert builders.value_config(config).clip_len == 1
     check_run(tmp_path, config, 2, 2)
 
 
@@ -58,7 +58,7 @@ def test_clip_runlocal_runs_and_resumes_exactly(toy_dirs, tmp_path):
     config = local_config(value_clip, toy_dirs, 6, eval_episodes=2)
     config.eval_stride = 3
     straight = value.train_and_evaluate(config, str(tmp_path / "a"))
-    assert value.model_config(config).clip_len == 4
+    assert builders.value_config(config).clip_len == 4
     check_run(tmp_path / "a", config, 6, 6)
     value.train_and_evaluate(local_config(value_clip, toy_dirs, 3), str(tmp_path / "b"))
     resumed = value.train_and_evaluate(local_config(value_clip, toy_dirs, 6),
@@ -101,14 +101,14 @@ def test_configs_build_without_data():
     full = value_clip.get_config()
     assert full.trainer == "value" and not full.runlocal and not full.build_toy_data_if_missing
     assert full.learning_rate == 1e-5
-    cfg = value.model_config(full)
+    cfg = builders.value_config(full)
     assert (cfg.image_size, cfg.patch, cfg.vision_width, cfg.clip_len) == (224, 16, 768, 4)
-    assert value.model_config(value_liv.get_config()).clip_len == 1
+    assert builders.value_config(value_liv.get_config()).clip_len == 1
     with pytest.raises(AttributeError):
         full.not_a_field = 1  # locked
     for module, clip_len in ((value_clip, 4), (value_liv, 1)):
         local = module.get_config("runlocal")
-        cfg = value.model_config(local)
+        cfg = builders.value_config(local)
         assert local.runlocal and local.total_steps == 50 and local.batch_size == 4
         assert (cfg.image_size, cfg.patch, cfg.vision_width, cfg.clip_len) == (32, 8, 32,
                                                                                clip_len)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flipjax.planning import PlanConfig, WorldModel, hill_climb
-from flipjax.planning.loading import world_model_from_modules
+from flipjax.planning.world_model import world_model_from_modules
 from tests.planning_runs import TEXT_DIM, TEXT_TOKENS
 
 

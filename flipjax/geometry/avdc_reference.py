@@ -1,4 +1,4 @@
-"""A NumPy/SciPy re-implementation of AVDC's rigid-motion estimation, as a benchmark baseline.
+"""A NumPy/SciPy re-implementation of AVDC's rigid-motion estimation: the reference fit.
 
 Written from the description of AVDC's method (learning to act from actionless videos through
 dense correspondences) and its released experiment code's behaviour, not copied from it:
@@ -11,7 +11,10 @@ dense correspondences) and its released experiment code's behaviour, not copied 
   does not reach a loss of 1e-3, from ``restarts`` random starts, keeping the best;
 * steps are chained: T_t = S_t T_{t-1}.
 
-Only the benchmark uses it (it needs SciPy and is orders of magnitude slower).
+The geometry benchmark (``benchmarks.geometry``) compares flipjax's batched fit against it, and
+the Meta-World evaluation's ``avdc`` mode (``experiments.metaworld_planners``) runs AVDC's
+pipeline with it. It needs SciPy (imported when a fit runs) and is orders of magnitude slower
+than :mod:`flipjax.geometry.sequence`.
 """
 
 from __future__ import annotations

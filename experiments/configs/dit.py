@@ -1,4 +1,11 @@
-"""The latent video DiT (dynamics module) training config shared by ``dit_small/base/large``.
+"""The latent video DiT (dynamics module) at the official S, B or L sizes on ``config.data_dir``.
+
+    python -m experiments.train --config=experiments/configs/dit.py:L --workdir=DIR \
+        --config.data_dir=CLIPS --config.codec.diffusers_dir=SD_VAE_DIR
+
+``--config.codec.workdir=AE_RUN`` uses a flipjax autoencoder run instead of the SD-VAE.
+``:S,runlocal`` (or ``:runlocal``) trains a tiny model for 50 steps on toy data generated in
+the workdir. ``dit_large.py`` is the same as ``dit.py:L``.
 
 Defaults are the official DynamicsModel recipe: 4 history + 15 future frames at 128x128,
 SD-VAE latents (16x16x4, scale 0.18215), patch 2, learned sigma, 1000-step linear schedule,
@@ -10,20 +17,27 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.common import apply_runlocal, base_config, parse_arg
+from experiments.configs.common import apply_runlocal, base_config, parse_variant
+
+VARIANTS = ("S", "B", "L")
 
 
-def dit_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the locked config; ``arg`` is a size of :data:`VARIANTS`, then ``,runlocal``."""
+    size, runlocal = parse_variant(arg, "dit", VARIANTS)
+    return dit_config(size or "S", runlocal)
+
+
+def dit_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
     """A locked VideoDiT training config.
 
     Args:
       size: official model size "S", "B" or "L" (``:runlocal`` always uses "tiny").
-      arg: the config-file argument: None or "runlocal".
+      runlocal: the tiny CPU smoke run.
 
     Returns:
       The locked config.
     """
-    runlocal = parse_arg(arg)
     c = base_config()
     c.trainer = "dit"
 

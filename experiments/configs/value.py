@@ -1,4 +1,13 @@
-"""The value-module (LIV-style) training config shared by ``value_clip.py`` and ``value_liv.py``.
+"""The value module (LIV-style) on ``config.data_dir`` clips: ``clip`` or ``liv`` states.
+
+    python -m experiments.train --config=experiments/configs/value.py:clip --workdir=DIR \
+        --config.data_dir=CLIPS [--config.eval_data_dir=VAL_CLIPS]
+
+Variants: ``clip`` is FLIP's value module, CLIP ViT-B/16 towers over 4-frame clip states;
+``liv`` is single-frame LIV (``clip_len = 1``, so the temporal fusion is skipped), the
+baseline FLIP's clip states improve on. Clip frames are centre-cropped and resized to the
+model's 224 px inside the train step. ``:clip,runlocal`` (or ``:runlocal``) trains the tiny
+value model for 50 steps on toy data generated in the workdir.
 
 Recipe (LIV, Ma et al. 2023, ``cfgs/config_liv.yaml`` and ``cfgs/training/*.yaml``): lr 1e-5,
 weight decay 1e-3, gamma 0.98, batch 64 and 10k steps as LIV fine-tunes, with LIV's
@@ -18,23 +27,33 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.common import apply_runlocal, base_config, parse_arg
+from experiments.configs.common import apply_runlocal, base_config, parse_variant
 from flipjax.models.value import get_value_config
 
+# variant -> (flipjax.models.value.VALUE_CONFIGS entry, frames per state)
+VARIANTS = {"clip": ("clip-b16", 4), "liv": ("liv-b16", 1)}
 
-def value_config(name: str, arg: str | None, *, clip_len: int) -> ml_collections.ConfigDict:
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the locked config; ``arg`` is a variant of :data:`VARIANTS`, then ``,runlocal``."""
+    variant, runlocal = parse_variant(arg, "value", tuple(VARIANTS))
+    name, clip_len = VARIANTS[variant or "clip"]
+    return value_config(name, runlocal, clip_len=clip_len)
+
+
+def value_config(name: str, runlocal: bool = False, *, clip_len: int
+                 ) -> ml_collections.ConfigDict:
     """A locked value-model training config.
 
     Args:
       name: ``flipjax.models.value.VALUE_CONFIGS`` entry ("clip-b16", "liv-b16"); runlocal
         always uses "tiny".
-      arg: the config-file argument: None or "runlocal".
+      runlocal: the tiny CPU smoke run.
       clip_len: frames per state (FLIP: 4; LIV: 1).
 
     Returns:
       The locked config.
     """
-    runlocal = parse_arg(arg)
     c = base_config()
     c.trainer = "value"
     v = get_value_config(name)

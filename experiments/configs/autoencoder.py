@@ -1,4 +1,35 @@
-"""The frame-autoencoder config shared by ``autoencoder_sd.py`` and ``autoencoder_finetune.py``.
+"""The frame autoencoder (SD-VAE architecture): ``sd`` training from scratch or ``finetune``.
+
+    python -m experiments.train --config=experiments/configs/autoencoder.py:sd --workdir=DIR \
+        --config.data_dir=CLIPS [--config.eval_data_dir=VAL_CLIPS]
+    python -m experiments.train --config=experiments/configs/autoencoder.py:finetune \
+        --workdir=DIR --config.data_dir=CLIPS --config.init_from=/path/to/sd-vae-ft-ema
+
+``sd``: full training of the sd-vae-ft-ema sizes (kl-f8) from scratch.
+Recipe (LDM ``autoencoder_kl_32x32x4``, minus its LPIPS and discriminator terms, which this
+trainer does not implement; see ``experiments/trainers/autoencoder.py``): L1 reconstruction of
+a posterior sample + 1e-6 x KL; Adam with betas (0.5, 0.9), no weight decay, no clipping, a
+constant rate of ``base_learning_rate`` (4.5e-6) x the effective global batch
+(``batch_size x grad_accum_steps``: 64 -> 2.88e-4), as LDM's ``main.py`` scales it; no EMA
+(LDM keeps none for its autoencoders; ``--config.ema_decay=0.999`` adds one). Frames are
+FLIP's 128x128 (LDM trained at 256x256 crops), two per clip.
+
+``finetune``: decoder fine-tuning of a pretrained SD-VAE on robot frames, the way
+sd-vae-ft-ema was made.
+``init_from`` (required) is a local diffusers ``AutoencoderKL`` directory (``config.json`` +
+``diffusion_pytorch_model.safetensors``), a diffusers-named ``.safetensors`` file or a flipjax
+autoencoder workdir. The encoder and ``quant_conv`` stay frozen, so latents, and a DiT trained
+on them, remain valid; ``post_quant_conv`` and the decoder adapt to the data.
+
+Recipe: stabilityai's ft-EMA run (decoder only, EMA weights; batch 192 on LAION, 313k steps)
+does not publish its learning rate or EMA decay. Used here: Adam (0.5, 0.9) as in LDM, no
+weight decay, a constant 1e-5 (a fine-tuning rate below LDM's from-scratch 2.88e-4 at batch
+64), EMA 0.999, batch 64, 50k steps; the loss is L1 + 1e-6 x KL without ft-EMA's LPIPS and
+discriminator terms (not implemented here).
+
+``:runlocal`` (after either variant) is a smoke run: the tiny 3-level codec on 32x32 toy
+frames for 50 steps at 1e-3; ``finetune`` with an empty ``init_from`` then starts from random
+weights (still freezing the encoder), with an EMA of 0.99.
 
 The model fields mirror :class:`flipjax.models.autoencoder.AutoencoderConfig` (``dtype`` comes
 from ``compute_dtype`` and ``remat`` from the top-level field), so the trainer builds the
@@ -12,10 +43,12 @@ import dataclasses
 
 import ml_collections
 
-from experiments.configs.common import apply_runlocal, base_config, parse_arg
+from experiments.configs.common import apply_runlocal, base_config, parse_variant
 from flipjax.models.autoencoder import sd_vae_ft_ema, tiny_autoencoder
 
 MODES = ("full", "decoder")
+# variant -> trainer mode
+VARIANTS = {"sd": "full", "finetune": "decoder"}
 # LDM (latent-diffusion/main.py) scales its base rate by the effective batch:
 # lr = accumulate_grad_batches * num_gpus * batch_size * base_learning_rate.
 LDM_BASE_LEARNING_RATE = 4.5e-6
@@ -36,20 +69,33 @@ def model_fields(tiny: bool) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}
 
 
-def autoencoder_config(mode: str, arg: str | None) -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the locked config; ``arg`` is a variant of :data:`VARIANTS`, then ``,runlocal``."""
+    variant, runlocal = parse_variant(arg, "autoencoder", tuple(VARIANTS))
+    c = autoencoder_config(VARIANTS[variant or "sd"], runlocal)
+    if variant == "finetune":
+        with c.unlocked():
+            # 0.999 under :runlocal would leave the EMA of a 50-step run at its initial weights.
+            c.ema_decay = 0.99 if c.runlocal else 0.999
+            if not c.runlocal:
+                c.learning_rate = 1e-5
+                c.total_steps = 50_000
+    return c
+
+
+def autoencoder_config(mode: str, runlocal: bool = False) -> ml_collections.ConfigDict:
     """A locked frame-autoencoder training config.
 
     Args:
       mode: "full" (train every parameter, from scratch unless ``init_from`` is set) or
         "decoder" (encoder and quant_conv frozen, initialised from ``init_from``).
-      arg: the config-file argument: None or "runlocal".
+      runlocal: the tiny CPU smoke run.
 
     Returns:
-      The locked config. The caller's file documents the recipe values it sets.
+      The locked config (the module docstring documents the recipes).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    runlocal = parse_arg(arg)
     c = base_config()
     c.trainer = "autoencoder"
     c.mode = mode
