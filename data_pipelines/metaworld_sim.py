@@ -6,7 +6,7 @@ evaluation (``experiments/eval_metaworld.py``). Needs the ``sim`` extra (metawor
 Rendering is offscreen; set ``MUJOCO_GL`` to ``egl`` (Mesa llvmpipe works without a GPU) or
 ``osmesa`` before the first import of mujoco. We default it to ``egl``.
 
-Cameras follow the DESIGN.md conventions: K with pixel centres at integers, camera frame x
+Cameras follow the docs/DESIGN.md conventions: K with pixel centres at integers, camera frame x
 right, y down, z forward; ``world_from_camera`` maps camera to world coordinates. Meta-World's
 ``corner`` cameras are defined upside down (their image "up" points at the floor), so their raw
 renders look vertically flipped. We roll such a camera by 180 degrees about its optical axis,

@@ -1,6 +1,6 @@
 """Device meshes and NamedShardings: the one place that decides how arrays are laid out.
 
-The mesh has the named axes ``data``, ``fsdp`` and ``tensor`` (DESIGN.md). Batches are split
+The mesh has the named axes ``data``, ``fsdp`` and ``tensor`` (docs/DESIGN.md). Batches are split
 over ``data`` (and ``fsdp``, which also shards parameters once models exist); small arrays such
 as intrinsics or configs are replicated. Everything goes through ``jax.jit`` with these
 shardings: no pmap, no experimental pjit.

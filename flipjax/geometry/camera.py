@@ -1,6 +1,6 @@
 """Pinhole camera: projection, unprojection with depth, bilinear depth lookup, image masks.
 
-Conventions (DESIGN.md): pixels (u, v) = (column, row) with pixel centres at integers, so the
+Conventions (docs/DESIGN.md): pixels (u, v) = (column, row) with pixel centres at integers, so the
 image spans u in [-0.5, W - 0.5]; camera frame x right, y down, z forward, metres.
 
 Intrinsics ``K`` are float[3 3] or, per batch element, float[B 3 3]; a batched K pairs with

@@ -48,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flipjax import shapes
-from flipjax.geometry import actions as nav
-from flipjax.geometry import camera, rigid_fit, se3, subgoals
+from flipjax.geometry import camera, neighbourhood, rigid_fit, se3, subgoals, warp
+from flipjax.geometry import navigation as nav
 from flipjax.geometry.rigid_fit import FitConfig
 from flipjax.geometry.sequence import fit_rigid_sequence
 from flipjax.geometry.subgoals import ManipulationConfig
@@ -92,7 +92,7 @@ class PlanActions(NamedTuple):
       pre_contact: float[P 3] world point where the gripper starts: the contact for a grasp,
         behind it along the push direction for a push.
       waypoints: float[P W 3] world-frame gripper waypoints.
-      actions: int32[P T-1] navigation codes indexing ``geometry.actions.ACTION_NAMES``
+      actions: int32[P T-1] navigation codes indexing ``geometry.navigation.ACTION_NAMES``
         (navigation; else None).
     """
 
@@ -112,156 +112,6 @@ class PlanActions(NamedTuple):
     pre_contact: Array | None = None
     waypoints: Array | None = None
     actions: Array | None = None
-
-
-# ------------------------------------------------------------------------------------------
-# Local fits over the k nearest samples, and the warp back to frame 0
-# ------------------------------------------------------------------------------------------
-
-# IRLS of the neighbourhood consensus: Cauchy scale (pixels) and iterations.
-_CONSENSUS_SCALE = 1.0
-_CONSENSUS_ITERATIONS = 4
-
-
-class _Neighbours(NamedTuple):
-    idx: Array  # int[M k] indices of the nearest valid samples
-    rel: Array  # float[M k 2] their offsets from the target, in units of the neighbourhood
-    w: Array    # float[M k] inverse-distance weights (0 for missing neighbours)
-    ok: Array   # bool[M k] the neighbour exists
-
-
-def _neighbours(positions: Array, valid: Array, targets: Array, k: int) -> _Neighbours:
-    """The k nearest valid samples (positions [N 2], valid [N]) of each target [M 2]."""
-    valid = valid & jnp.all(jnp.isfinite(positions), -1)
-    positions = jnp.where(valid[:, None], positions, 0.0)
-    d2 = jnp.sum((targets[:, None] - positions[None]) ** 2, -1)
-    neg, idx = jax.lax.top_k(jnp.where(valid[None], -d2, -jnp.inf), k)
-    ok = jnp.isfinite(neg)
-    d2k = jnp.where(ok, -neg, 0.0)
-    # Offsets and distances in units of the neighbourhood's size keep the normal equations
-    # scale-free; the 1e-6 floor makes a target on a sample return (almost) that sample.
-    scale2 = jnp.sum(d2k, -1, keepdims=True) / jnp.maximum(jnp.sum(ok, -1, keepdims=True), 1)
-    scale2 = scale2 + 1e-12
-    rel = jnp.where(ok[..., None], positions[idx] - targets[:, None], 0.0)
-    rel = rel / jnp.sqrt(scale2)[..., None]
-    w = jnp.where(ok, 1.0 / (d2k / scale2 + 1e-6), 0.0)
-    return _Neighbours(idx, rel, w, ok)
-
-
-def _affine_solve(w: Array, rel: Array, v: Array) -> Array:
-    """Weighted least squares coef [M 3 C] of v [M k C] ~ [1 rel] coef, weights w [M k]."""
-    A = jnp.concatenate([jnp.ones_like(rel[..., :1]), rel], -1)
-    G = jnp.einsum("mk,mki,mkj->mij", w, A, A)
-    # A small ridge on the slope keeps collinear or single neighbours solvable: along a
-    # direction the neighbours do not span the slope goes to zero (a weighted mean there).
-    ridge = 1e-4 * jnp.sum(w, -1)[:, None, None] * jnp.diag(jnp.array([0.0, 1.0, 1.0]))
-    b = jnp.einsum("mk,mki,mkc->mic", w, A, v)
-    return jnp.linalg.solve(G + ridge + 1e-30 * jnp.eye(3), b)
-
-
-def _interpolate_idw(positions: Array, values: Array, valid: Array, targets: Array, k: int
-                     ) -> tuple[Array, Array]:
-    """Inverse-distance blend of values [N C] at targets [M 2]: a convex combination, so it
-    never extrapolates. Returns (values float[M C], ok bool[M]: some valid neighbour)."""
-    valid = valid & jnp.all(jnp.isfinite(values), -1)
-    nb = _neighbours(positions, valid, targets, k)
-    v = jnp.where(nb.ok[..., None], values[nb.idx], 0.0)
-    out = jnp.sum(nb.w[..., None] * v, 1) / jnp.maximum(jnp.sum(nb.w, -1, keepdims=True), 1e-30)
-    return out, jnp.any(nb.ok, -1)
-
-
-def _consistent(positions: Array, tracks: Array, valid: Array, k: int, threshold: float
-                ) -> Array:
-    """bool[N]: valid queries whose displacement agrees with their neighbours'.
-
-    Each query's displacement over the chunk (tracks [L N 2] minus step 0, all steps at once)
-    is predicted by a robust (Cauchy IRLS) affine fit of its k nearest other valid queries with
-    equal weights, and the query is kept when it misses the prediction by less than
-    ``threshold`` pixels. A smooth motion field is affine to well below that over a
-    neighbourhood; a wrong track, or a query across a motion boundary, is not. Queries with
-    fewer than 5 neighbours cannot be judged (a bad one among them would condemn the query)
-    and are kept for the robust fit.
-    """
-    n = positions.shape[0]
-    disp = jnp.swapaxes(tracks - tracks[:1], 0, 1).reshape(n, -1)
-    valid = valid & jnp.all(jnp.isfinite(disp), -1)
-    nb = _neighbours(positions, valid, positions, min(k + 1, n))
-    others = nb.ok & (nb.idx != jnp.arange(n)[:, None])
-    v = jnp.where(others[..., None], disp[nb.idx], 0.0)
-    r = others.astype(disp.dtype)
-    for _ in range(_CONSENSUS_ITERATIONS):
-        coef = _affine_solve(r, nb.rel, v)
-        pred = coef[:, :1] + jnp.einsum("mkj,mjc->mkc", nb.rel, coef[:, 1:])
-        err = jnp.linalg.norm(v - pred, axis=-1)
-        r = others / (1.0 + (err / _CONSENSUS_SCALE) ** 2)
-    # The prediction at the query itself (offset 0) is the affine fit's constant term.
-    miss = jnp.linalg.norm(jnp.where(valid[:, None], disp, 0.0) - coef[:, 0], axis=-1)
-    judged = jnp.sum(others, -1) >= 5
-    return valid & (~judged | (miss < threshold))
-
-
-# Newton steps of the inverse warp, its finite-difference step and step cap (pixels), and the
-# reprojection error (pixels) under which it has converged.
-_NEWTON_ITERATIONS = 8
-_NEWTON_EPS = 0.25
-_NEWTON_MAX_STEP = 4.0
-_NEWTON_TOLERANCE = 0.05
-
-
-def _warp_to_frame0(queries: Array, T: Array, depth: Array, K: Array, guess: Array
-                    ) -> tuple[Array, Array, Array]:
-    """Finds where the object's surface seen at queries [N 2] now was at frame 0.
-
-    Solves ``project(T unproject(u, depth(u))) = q`` for the frame-0 pixel u by Newton's
-    method (finite-difference Jacobian of the bilinear depth), starting from ``q - guess``
-    ([2], the object's mean image motion so far). One problem: T [4 4], depth [Hi Wi],
-    K [3 3]. Returns (u float[N 2], X float[N 3] the surface point now, in the camera
-    frame, ok bool[N]: converged onto a pixel with depth).
-    """
-    hi, wi = depth.shape
-
-    def moved(u):
-        z, z_ok = camera.depth_lookup(depth, u)
-        X = se3.apply(T, camera.unproject(u, z, K))
-        px, front = camera.project(X, K)
-        return px, X, z_ok & front
-
-    def step(u, _):
-        px, _, ok = moved(u)
-        du = (moved(u + jnp.array([_NEWTON_EPS, 0.0]))[0] - px) / _NEWTON_EPS
-        dv = (moved(u + jnp.array([0.0, _NEWTON_EPS]))[0] - px) / _NEWTON_EPS
-        r = queries - px
-        det = du[:, 0] * dv[:, 1] - dv[:, 0] * du[:, 1]
-        safe = jnp.where(jnp.abs(det) > 1e-6, det, 1.0)
-        delta = jnp.stack([dv[:, 1] * r[:, 0] - dv[:, 0] * r[:, 1],
-                           du[:, 0] * r[:, 1] - du[:, 1] * r[:, 0]], -1) / safe[:, None]
-        norm = jnp.linalg.norm(delta, axis=-1, keepdims=True)
-        delta = delta * jnp.minimum(1.0, _NEWTON_MAX_STEP / jnp.maximum(norm, 1e-12))
-        good = ok & (jnp.abs(det) > 1e-6) & jnp.all(jnp.isfinite(delta), -1)
-        u = u + jnp.where(good[:, None], delta, 0.0)
-        return jnp.clip(u, -0.5, jnp.array([wi - 0.5, hi - 0.5])), None
-
-    u, _ = jax.lax.scan(step, queries - guess, None, length=_NEWTON_ITERATIONS)
-    px, X, ok = moved(u)
-    ok = ok & (jnp.linalg.norm(px - queries, axis=-1) < _NEWTON_TOLERANCE)
-    return u, jnp.where(ok[:, None], X, 0.0), ok
-
-
-def _nearest_pixel(pixels: Array, image_size: tuple[int, int]) -> tuple[Array, Array]:
-    """(row, column) int32[N] of the pixels [N 2] (u, v), clipped to the image."""
-    u = jnp.clip(jnp.round(pixels[:, 0]), 0, image_size[1] - 1).astype(jnp.int32)
-    return jnp.clip(jnp.round(pixels[:, 1]), 0, image_size[0] - 1).astype(jnp.int32), u
-
-
-def _points_support(points: Array, valid: Array, image_size: tuple[int, int]) -> Array:
-    """bool[Hi Wi]: pixels of points [M 2], closed (3 x 3) so one-pixel gaps are filled."""
-    v, u = _nearest_pixel(points, image_size)
-    raster = jnp.zeros(image_size, jnp.float32).at[v, u].max(valid.astype(jnp.float32))
-    window = dict(window_dimensions=(3, 3), window_strides=(1, 1), padding="SAME")
-    grown = jax.lax.reduce_window(raster, 0.0, jax.lax.max, **window)
-    # Erode with the border counted as inside, so only the dilation's rim goes.
-    closed = jax.lax.reduce_window(grown, 1.0, jax.lax.min, **window)
-    return closed > 0.5
 
 
 # ------------------------------------------------------------------------------------------
@@ -366,7 +216,7 @@ def _object_from_mask(object_mask, depth, K, key, *, num_samples):
 @functools.partial(jax.jit, static_argnames=("image_size",))
 def _object_from_points(points, depth, K, *, image_size):
     X0, valid0 = _lift(depth, points, K)
-    support = jax.vmap(functools.partial(_points_support, image_size=image_size))(
+    support = jax.vmap(functools.partial(warp.points_support, image_size=image_size))(
         points, valid0)
     return X0, valid0, _medoid(points, X0, valid0), support, _mean_point(X0, valid0)
 
@@ -378,13 +228,13 @@ def _track_object(flows, positions, depth, support, centre, K, key, *, image_siz
     """Chains the chunks' fits of the object on support [P Hi Wi] (its mean point centre
     [P 3] at frame 0); positions [H P N 2]."""
     centre_px = camera.project(centre, K)[0]
-    check = functools.partial(_consistent, k=neighbors, threshold=consistency_px)
+    check = functools.partial(neighbourhood.consistent, k=neighbors, threshold=consistency_px)
 
     def chunk(T_start, inp):
         trk, pos, k = inp
         guess = camera.project(se3.apply(T_start, centre[:, None])[:, 0], K)[0] - centre_px
-        u0, X, ok = jax.vmap(_warp_to_frame0)(pos, T_start, depth, K, guess)
-        on = jax.vmap(lambda s, u: s[_nearest_pixel(u, image_size)])(support, u0)
+        u0, X, ok = jax.vmap(warp.warp_to_frame0)(pos, T_start, depth, K, guess)
+        on = jax.vmap(lambda s, u: s[warp.nearest_pixel(u, image_size)])(support, u0)
         use = ok & on
         use = use & jax.vmap(check)(pos, trk, use)
         q_tracks = pos[:, None] + (trk - trk[:, :1])
@@ -419,8 +269,8 @@ def _navigation(flows, queries, depth, K, key, *, image_size, fit_config, neighb
     p, hz = flows.shape[:2]
     positions = _chunk_positions(flows, queries)  # H P N 2
     X0, valid0 = _lift(depth, positions[0], K)
-    check = functools.partial(_consistent, k=neighbors, threshold=consistency_px)
-    blend = functools.partial(_interpolate_idw, k=neighbors)
+    check = functools.partial(neighbourhood.consistent, k=neighbors, threshold=consistency_px)
+    blend = functools.partial(neighbourhood.interpolate_idw, k=neighbors)
 
     def chunk(carry, inp):
         C, X, has_depth = carry

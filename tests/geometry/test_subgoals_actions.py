@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flipjax.geometry import actions, camera, se3, subgoals
+from flipjax.geometry import camera, navigation, se3, subgoals
 
 K = camera.intrinsics_from_fov(60.0, 48, 64)
 # World z up, camera looking along world y: camera (x, y, z) = world (x, -z, y).
@@ -96,13 +96,13 @@ def _poses(yaw_deg, forward):
     (20.0, 0.0, "RotateLeft"), (-20.0, 0.0, "RotateRight"), (2.0, 0.25, "MoveAhead"),
     (0.0, 0.0, "Done")])
 def test_navigation_actions(yaw, forward, expected):
-    codes = actions.navigation_actions(_poses(yaw, forward))
-    assert [actions.ACTION_NAMES[int(c)] for c in codes] == [expected, expected]
+    codes = navigation.navigation_actions(_poses(yaw, forward))
+    assert [navigation.ACTION_NAMES[int(c)] for c in codes] == [expected, expected]
 
 
 def test_navigation_done_is_final():
     poses = jnp.stack([jnp.eye(4), jnp.eye(4), se3.exp(jnp.array([0, 0, 0.3, 0, 0, 0]))])
-    assert actions.navigation_actions(poses).tolist() == [actions.DONE, actions.DONE]
+    assert navigation.navigation_actions(poses).tolist() == [navigation.DONE, navigation.DONE]
 
 
 def test_navigation_from_fitted_camera_motion():
@@ -114,8 +114,8 @@ def test_navigation_from_fitted_camera_motion():
     fit = geometry.fit_rigid_sequence(scene.points3d, scene.tracks, scene.K,
                                       visible=scene.visible,
                                       config=geometry.FitConfig(camera_motion=True))
-    np.testing.assert_array_equal(actions.navigation_actions(fit.transforms[0]),
-                                  actions.navigation_actions(se3.inverse(scene.transforms[0])))
+    np.testing.assert_array_equal(navigation.navigation_actions(fit.transforms[0]),
+                                  navigation.navigation_actions(se3.inverse(scene.transforms[0])))
 
 
 def test_stuck_counter_triggers_after_patience():
@@ -123,7 +123,7 @@ def test_stuck_counter_triggers_after_patience():
     fired = []
     for step in range(7):
         new = pos + (0.01 if step == 2 else 0.0)
-        count, replan = actions.update_stuck_counter(count, pos, new, patience=3)
+        count, replan = navigation.update_stuck_counter(count, pos, new, patience=3)
         pos = new
         fired.append(bool(replan))
     assert fired == [False, False, False, False, False, True, False]
@@ -132,8 +132,8 @@ def test_stuck_counter_triggers_after_patience():
 def test_low_inlier_trigger():
     usable = jnp.ones((2, 100), bool)
     inl = jnp.zeros((2, 100), bool).at[0, :9].set(True).at[1, :10].set(True)
-    assert actions.low_inlier_trigger(inl, usable).tolist() == [True, False]
-    assert bool(actions.low_inlier_trigger(inl[0], jnp.zeros(100, bool)))
+    assert navigation.low_inlier_trigger(inl, usable).tolist() == [True, False]
+    assert bool(navigation.low_inlier_trigger(inl[0], jnp.zeros(100, bool)))
 
 
 @pytest.mark.parametrize("call,match", [
@@ -143,9 +143,9 @@ def test_low_inlier_trigger():
     (lambda: subgoals.subgoals(jnp.zeros(2), jnp.zeros((3, 4, 4))), r"point: expected shape \[3\]"),
     (lambda: subgoals.to_world(jnp.zeros(3), jnp.eye(3)), "world_from_camera"),
     (lambda: subgoals.plan_manipulation(jnp.zeros(3), jnp.zeros((1, 3))), "at least 2 subgoals"),
-    (lambda: actions.navigation_actions(jnp.zeros((1, 4, 4))), "at least 2 frames"),
-    (lambda: actions.update_stuck_counter(0, jnp.zeros(3), jnp.zeros(2)), "position: expected"),
-    (lambda: actions.low_inlier_trigger(jnp.zeros(3, bool), jnp.zeros(4, bool)), "usable"),
+    (lambda: navigation.navigation_actions(jnp.zeros((1, 4, 4))), "at least 2 frames"),
+    (lambda: navigation.update_stuck_counter(0, jnp.zeros(3), jnp.zeros(2)), "position: expected"),
+    (lambda: navigation.low_inlier_trigger(jnp.zeros(3, bool), jnp.zeros(4, bool)), "usable"),
 ])
 def test_bad_input_errors(call, match):
     with pytest.raises(ValueError, match=match):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from flipjax.geometry import FitConfig, camera, se3, subgoals
-from flipjax.geometry import actions as nav
+from flipjax.geometry import navigation as nav
 from flipjax.planning import Plan, grid_queries
 from flipjax.planning.actions import plan_to_actions
 
