@@ -75,7 +75,7 @@ def build_data(root: Path, image_size: int, horizon: int, history: int, text_dim
     import ml_collections
 
     from experiments.configs.common import base_config
-    from experiments.trainers import clips
+    from experiments.training import clips
 
     out = root / f"toy_{image_size}"
     if (out / "manifest.json").exists():
@@ -173,7 +173,7 @@ def dit_step_figures(size: str, batch: int, dtype: str, steps: int, *, remat: bo
                      points: int = 529, latent: int = 16, history: int = 4, horizon: int = 16,
                      text_tokens: int = 24, text_dim: int = 384) -> dict[str, Any]:
     """Compiles and times the DiT train step on synthetic latents over all local devices."""
-    from experiments.trainers import common
+    from experiments.training import common
     from flipjax.models import diffusion
     from flipjax.models.video_dit import make_video_dit
     from flipjax.sharding import create_mesh

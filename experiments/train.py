@@ -32,11 +32,8 @@ from ml_collections import config_flags
 
 from experiments import cli
 
-# Modules of experiments.trainers that are libraries rather than trainers.
-_NOT_TRAINERS = ("clips", "common", "logging_utils", "loop")
-
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with an argument: path.py[:runlocal].",
+    "config", None, "Config file with its argument: path.py:VARIANT[,runlocal] (e.g. dit.py:L).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
 
@@ -46,7 +43,7 @@ def available_trainers() -> list[str]:
     from experiments import trainers
 
     return sorted(m.name for m in pkgutil.iter_modules(trainers.__path__)
-                  if m.name not in _NOT_TRAINERS and not m.name.startswith("_"))
+                  if not m.name.startswith("_"))
 
 
 def get_trainer(name: str) -> Callable[[Any, str], Any]:

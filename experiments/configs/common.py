@@ -62,7 +62,7 @@ def parse_variant(arg: str | None, family: str, variants: tuple[str, ...]
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Fields every trainer reads (see ``experiments/trainers/loop.py``).
+    """Fields every trainer reads (see ``experiments/training/loop.py``).
 
     Returns:
       An unlocked ConfigDict; the config file adds its fields and locks it.
@@ -87,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data_dir = ""
     c.eval_data_dir = ""  # empty: evaluate on the training clips (unshuffled)
-    # Toy data (experiments/trainers/clips.py): rendered and built into data_dir when it has
+    # Toy data (experiments/training/clips.py): rendered and built into data_dir when it has
     # no clips yet; on under :runlocal, where empty data dirs mean <workdir>/toy_data/*.
     c.build_toy_data_if_missing = False
     c.toy_episodes = 8
@@ -110,7 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
     # data x fsdp x tensor; -1 fills the remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
-    # Read by experiments.trainers.common.make_optimizer / make_schedule.
+    # Read by experiments.training.common.make_optimizer / make_schedule.
     c.learning_rate = 1e-4
     c.warmup_steps = 0
     c.schedule = "constant"

@@ -1,1 +1,2 @@
-"""Training loops for the FLIP modules, built on the shared core in ``common``."""
+"""One trainer per FLIP module (``config.trainer`` names one), built on the shared loop, state
+and data of :mod:`experiments.training`."""

@@ -75,7 +75,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from data_pipelines.loader import ClipDataset
-from experiments.trainers import clips, loop
+from experiments.training import clips, loop
 from flipjax import builders, metrics
 from flipjax.checkpoints import checkpoint_dir, load_params
 from flipjax.models import autoencoder_json

@@ -35,7 +35,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from data_pipelines.loader import ClipDataset
-from experiments.trainers import clips, loop
+from experiments.training import clips, loop
 from flipjax import builders
 from flipjax import metrics as flow_metrics
 from flipjax.models.cvae_loss import CVAELossConfig, cvae_loss

@@ -4,7 +4,7 @@ Data: ``build_clips`` shards in ``config.data_dir`` (evaluation: ``config.eval_d
 default the training clips), read as ``model.history`` frames up to the current one plus
 ``model.flow_horizon - 1`` future frames, with tracks of ``flow_horizon`` points starting at
 the current frame. ``:runlocal`` builds toy clips in ``<workdir>/toy_data`` when the data dirs
-are empty (see ``experiments/trainers/clips.py``).
+are empty (see ``experiments/training/clips.py``).
 
 Frames -> latents: the frozen codec of ``config.codec`` (:mod:`flipjax.codec`; the SD-VAE,
 a flipjax autoencoder run, or the pixel stand-in for smoke runs) encodes every clip in a
@@ -51,7 +51,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from data_pipelines.loader import ClipDataset
-from experiments.trainers import clips, loop
+from experiments.training import clips, loop
 from flipjax import builders, metrics
 from flipjax import codec as codec_lib
 from flipjax.codec import LatentCodec

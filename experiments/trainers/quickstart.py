@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from experiments.trainers import clips, loop
+from experiments.training import clips, loop
 
 # module -> (config file:variant, trainer module, what it is)
 MODULES = {

@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from data_pipelines.episodes import VipSampler, make_episode_loader
 from data_pipelines.loader import ClipDataset
-from experiments.trainers import clips, loop
+from experiments.training import clips, loop
 from flipjax import builders, viz
 from flipjax import metrics as value_metrics
 from flipjax.models.value import ValueModel, fit_frames

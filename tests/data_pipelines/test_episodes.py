@@ -14,7 +14,7 @@ from data_pipelines.episodes import (
     make_episode_loader,
 )
 from data_pipelines.loader import ClipDataset
-from experiments.trainers import clips
+from experiments.training import clips
 from flipjax.sharding import create_mesh
 from tests.experiments.helpers import value_clip
 

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments.trainers import clips, cvae, loop
+from experiments.trainers import cvae
+from experiments.training import clips, loop
 from flipjax import builders
 from flipjax.sharding import shard_batch
 from tests.experiments.helpers import cvae_small

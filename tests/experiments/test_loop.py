@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from experiments.configs.common import base_config
-from experiments.trainers import loop
+from experiments.training import loop
 from flipjax.checkpoints import Checkpointer, load_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -215,7 +215,7 @@ def test_profiler_window_validation(tmp_path):
 
 
 def test_writer_helpers(tmp_path):
-    from experiments.trainers import logging_utils as lu
+    from experiments.training import logging_utils as lu
 
     strip = lu.video_strip(np.stack([np.full((2, 3, 3), t, np.uint8) for t in range(20)]),
                            max_frames=4)

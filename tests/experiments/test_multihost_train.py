@@ -26,7 +26,8 @@ import pytest
 pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("grain")
 
-from experiments.trainers import cvae, loop
+from experiments.trainers import cvae
+from experiments.training import loop
 from flipjax.checkpoints import Checkpointer, load_params
 from tests.experiments.helpers import cvae_small
 

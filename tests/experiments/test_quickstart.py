@@ -98,7 +98,7 @@ def test_readme_main_command_is_the_quickstart():
 
 def test_toy_failure_fraction_reaches_the_world(tmp_path, monkeypatch):
     from data_pipelines import toy
-    from experiments.trainers import clips
+    from experiments.training import clips
 
     seen = {}
 

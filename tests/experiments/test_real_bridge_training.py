@@ -18,7 +18,7 @@ pytest.importorskip("grain")
 
 from data_pipelines.build_clips import BuildOptions, build_clips
 from data_pipelines.loader import ClipDataset
-from experiments.trainers import loop
+from experiments.training import loop
 from flipjax.checkpoints import Checkpointer, load_params
 from tests.experiments.helpers import BATCH
 

@@ -14,7 +14,8 @@ pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("grain")
 
 from experiments import train as train_cli
-from experiments.trainers import autoencoder, loop
+from experiments.trainers import autoencoder
+from experiments.training import loop
 from flipjax import builders
 from flipjax.checkpoints import Checkpointer, load_params
 from flipjax.models import autoencoder_json

@@ -8,7 +8,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from experiments.trainers import common
+from experiments.training import common
 from flipjax.models.layers import dense
 from flipjax.sharding import create_mesh, shard_batch
 

@@ -15,7 +15,8 @@ pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("grain")
 
 from experiments import train as train_cli
-from experiments.trainers import clips, cvae, loop
+from experiments.trainers import cvae
+from experiments.training import clips, loop
 from flipjax import builders
 from flipjax.checkpoints import Checkpointer, load_params
 from tests.experiments.helpers import BATCH, cvae_base, cvae_large, cvae_small, runlocal_config

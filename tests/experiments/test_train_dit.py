@@ -15,7 +15,8 @@ pytest.importorskip("tensorflow_datasets")
 pytest.importorskip("grain")
 
 from data_pipelines.loader import ClipDataset
-from experiments.trainers import dit, loop
+from experiments.trainers import dit
+from experiments.training import loop
 from flipjax import builders
 from flipjax import codec as codec_lib
 from flipjax.checkpoints import Checkpointer, load_params

@@ -13,7 +13,8 @@ pytest.importorskip("grain")
 from PIL import Image
 
 from experiments import train as train_cli
-from experiments.trainers import clips, loop, value
+from experiments.trainers import value
+from experiments.training import clips, loop
 from flipjax import builders
 from flipjax.checkpoints import Checkpointer, load_params
 from flipjax.models.value import ValueConfig

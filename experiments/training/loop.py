@@ -7,7 +7,7 @@ and optionally an eval factory) and calls :func:`train`. The loop:
 * creates the sharded state, or resumes the latest checkpoint of ``workdir`` together with
   the data iterator's position, so an interrupted run continues bit-for-bit;
 * logs every ``log_every`` steps through clu metric writers
-  (:mod:`experiments.trainers.logging_utils`): a console line (loss, steps/s, examples/s,
+  (:mod:`experiments.training.logging_utils`): a console line (loss, steps/s, examples/s,
   ETA), ``workdir/metrics.jsonl`` (one JSON object per line) and TensorBoard event files in
   ``workdir/tensorboard`` (both process 0 only), with the peak host memory
   (``host_peak_rss_mb``) and, where the backend reports it, the peak device memory
@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from experiments.trainers import common
+from experiments.training import common
 from flipjax import builders
 from flipjax.checkpoints import Checkpointer, handle_preemption
 from flipjax.sharding import create_mesh
@@ -165,7 +165,7 @@ class ProfileWindow:
 
 
 def _memory_metrics() -> dict[str, float]:
-    from experiments.trainers import logging_utils
+    from experiments.training import logging_utils
 
     out = {"host_peak_rss_mb": logging_utils.host_peak_rss_mb()}
     device = logging_utils.device_peak_memory_mb()
@@ -265,7 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *,
     # Imported here, not at module level, so that importing a trainer (configs, model
     # builders) stays light: clu brings TensorFlow for the event files. A missing `train`
     # extra still fails before any work.
-    from experiments.trainers import logging_utils
+    from experiments.training import logging_utils
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

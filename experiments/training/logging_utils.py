@@ -3,7 +3,7 @@
 The loop writes every scalar once, through a clu ``MultiWriter`` of
 
 * :class:`JsonlWriter`: ``workdir/metrics.jsonl``, one ``{"step", "split", **metrics}`` object
-  per line (process 0; ``experiments.trainers.loop.read_metrics`` reads it back);
+  per line (process 0; ``experiments.training.loop.read_metrics`` reads it back);
 * clu's ``SummaryWriter``: TensorBoard event files in ``workdir/tensorboard`` (process 0),
   including eval sample images and the flattened config as hyperparameters;
 * :class:`ConsoleWriter`: one concise absl log line per train/eval record (every process).
