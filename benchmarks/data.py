@@ -68,10 +68,11 @@ def _build(rlds: Path, out: Path, **kw) -> dict:
 
 
 def _tracking_accuracy(rlds: Path, episodes: int) -> dict:
-    from data_pipelines import ground_truth_tracks, tracking
     from data_pipelines.build_clips import BuildOptions
     from data_pipelines.rlds import open_builder, read_episodes
     from data_pipelines.schemas import TOY
+    from data_pipelines.tracks import ground_truth as ground_truth_tracks
+    from data_pipelines.tracks import trackers as tracking
 
     defaults = BuildOptions(rlds_dir="", out="")
     q = tracking.grid_queries(23, 128, 128)

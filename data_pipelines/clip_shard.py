@@ -18,11 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from data_pipelines import ground_truth_tracks, records, track_files, tracking
+from data_pipelines import records
 from data_pipelines import text as text_lib
 from data_pipelines.frames import plan_frames
 from data_pipelines.rlds import Episode, open_builder, read_episodes
 from data_pipelines.schemas import Schema
+from data_pipelines.tracks import files as track_files
+from data_pipelines.tracks import ground_truth as ground_truth_tracks
+from data_pipelines.tracks import trackers as tracking
 
 if TYPE_CHECKING:
     from data_pipelines.build_clips import BuildOptions

@@ -21,7 +21,7 @@ from data_pipelines import metaworld_sim as sim
 
 # A point is visible where the rendered depth agrees with its own within this (metres) plus
 # the relative term times its depth: the rounded pixel samples a slanted surface up to half a
-# pixel away (as data_pipelines.ground_truth_tracks).
+# pixel away (as data_pipelines.tracks.ground_truth).
 DEPTH_TOLERANCE = 0.02
 DEPTH_REL_TOLERANCE = 0.01
 MIN_DEPTH = 1e-3

@@ -62,7 +62,7 @@ class Layout:
     @functools.cached_property
     def queries(self) -> np.ndarray:
         """float32[N 2] the grid of query points every track starts from."""
-        from data_pipelines.tracking import grid_queries
+        from data_pipelines.tracks.trackers import grid_queries
 
         return grid_queries(self.grid, self.height, self.width)
 

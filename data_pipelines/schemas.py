@@ -120,7 +120,7 @@ LIBERO = Schema(
 )
 
 TOY = Schema(
-    # The embedded procedural world (data_pipelines/toy.py) carries everything for exact tracks.
+    # The embedded procedural world (data_pipelines/toy/) carries everything for exact tracks.
     name="toy",
     cameras={"image": "steps/observation/image"},
     default_camera="image",

@@ -11,9 +11,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from data_pipelines import toy_problems as tp
 from data_pipelines.loader import ClipDataset
-from data_pipelines.toy_world import ToyConfig
+from data_pipelines.toy import problems as tp
+from data_pipelines.toy.world import ToyConfig
 from flipjax.planning import WorldModel, grid_queries
 
 Config = ml_collections.ConfigDict

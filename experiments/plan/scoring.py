@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data_pipelines import toy_problems as tp
+from data_pipelines.toy import problems as tp
 from experiments.plan.problems import Problems
 from flipjax.planning import Plan, WorldModel
 from flipjax.planning.actions import plan_to_actions

@@ -83,7 +83,7 @@ def build_toy_clips(config: ml_collections.ConfigDict, split: str, out: str | Pa
     """
     from data_pipelines import toy
     from data_pipelines.build_clips import BuildOptions, build_clips
-    from data_pipelines.toy_world import ToyConfig
+    from data_pipelines.toy.world import ToyConfig
 
     out = Path(out)
     h, w = spec.image_size

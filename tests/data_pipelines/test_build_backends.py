@@ -5,12 +5,14 @@ import pytest
 
 pytest.importorskip("tensorflow_datasets")
 
-from data_pipelines import ground_truth_tracks, text, toy, track_files
+from data_pipelines import text, toy
 from data_pipelines.build_clips import BuildOptions, build_clips
 from data_pipelines.loader import ClipDataset
 from data_pipelines.rlds import open_builder, read_episodes
 from data_pipelines.schemas import TOY
-from data_pipelines.toy_world import ToyConfig
+from data_pipelines.toy.world import ToyConfig
+from data_pipelines.tracks import files as track_files
+from data_pipelines.tracks import ground_truth as ground_truth_tracks
 
 from . import fixtures
 

@@ -14,7 +14,7 @@ pytest.importorskip("tensorflow_datasets")
 from data_pipelines import toy
 from data_pipelines.build_clips import BuildOptions, build_clips
 from data_pipelines.loader import ClipDataset
-from data_pipelines.toy_world import ToyConfig
+from data_pipelines.toy.world import ToyConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

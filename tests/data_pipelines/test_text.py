@@ -51,7 +51,7 @@ def test_no_instruction_is_cut_silently():
 
 def test_every_toy_instruction_fits_the_default_token_budget():
     """The toy world's templates with their longest fillers fit ``toy_text_max_tokens``."""
-    from data_pipelines import toy_world as tw
+    from data_pipelines.toy import world as tw
     from experiments.configs.common import base_config
 
     budget = base_config().toy_text_max_tokens

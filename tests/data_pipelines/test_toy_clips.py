@@ -8,13 +8,15 @@ pytest.importorskip("grain")
 
 import jax
 
-from data_pipelines import ground_truth_tracks, toy, tracking
+from data_pipelines import toy
 from data_pipelines.build_clips import BuildOptions, build_clips
 from data_pipelines.loader import ClipDataset, make_loader
 from data_pipelines.rlds import open_builder, read_episodes
 from data_pipelines.schemas import TOY
-from data_pipelines.toy_tasks import sample_episode
-from data_pipelines.toy_world import ToyConfig, render
+from data_pipelines.toy.tasks import sample_episode
+from data_pipelines.toy.world import ToyConfig, render
+from data_pipelines.tracks import ground_truth as ground_truth_tracks
+from data_pipelines.tracks import trackers as tracking
 from flipjax.sharding import create_mesh
 
 TRAIN_EPISODES = 6

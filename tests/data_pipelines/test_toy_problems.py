@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from data_pipelines import toy
-from data_pipelines import toy_problems as tp
 from data_pipelines.text import make_text_encoder
-from data_pipelines.toy_tasks import sample_episode
-from data_pipelines.toy_world import ToyConfig, pose_matrix, render_rgb_uint8
+from data_pipelines.toy import problems as tp
+from data_pipelines.toy.tasks import sample_episode
+from data_pipelines.toy.world import ToyConfig, pose_matrix, render_rgb_uint8
 
 SIZE, HISTORY, DIM, TOKENS, NUM = 32, 3, 32, 16, 12
 
@@ -195,7 +195,7 @@ def test_scripted_tracks_follow_the_block(problems):
 
 
 def test_ending_clips_faithful_and_failed(problems):
-    from data_pipelines.toy_tasks import episode_rng
+    from data_pipelines.toy.tasks import episode_rng
 
     good = tp.ending_clips(problems, 2)
     bad = tp.ending_clips(problems, 2, failed=True)
@@ -214,7 +214,7 @@ def test_ending_clips_faithful_and_failed(problems):
 
 
 def test_future_frames_are_the_script_after_the_start(problems):
-    from data_pipelines.toy_tasks import episode_rng
+    from data_pipelines.toy.tasks import episode_rng
 
     future = tp.future_frames(problems, 3)
     assert future.shape == (NUM, 3, SIZE, SIZE, 3) and future.dtype == np.uint8

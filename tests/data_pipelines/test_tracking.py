@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_pipelines import ground_truth_tracks, track_files, tracking
+from data_pipelines.tracks import files as track_files
+from data_pipelines.tracks import ground_truth as ground_truth_tracks
+from data_pipelines.tracks import trackers as tracking
 
 # --------------------------------------------------------------------------------------------
 # Synthetic frames: a smooth continuous texture sampled at sub-pixel shifts

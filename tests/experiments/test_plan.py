@@ -14,7 +14,7 @@ from PIL import Image
 
 pytest.importorskip("matplotlib")
 
-from data_pipelines import toy_problems as tp
+from data_pipelines.toy import problems as tp
 from experiments import plan as plan_cli
 from experiments.configs import plan as plan_config_file
 from flipjax import builders

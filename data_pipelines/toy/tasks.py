@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from data_pipelines.toy_world import (
+from data_pipelines.toy.world import (
     DIRECTIONS,
     FINGER_HALF,
     NEXT_TEMPLATES,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from data_pipelines.tracking import _in_image, _positive_int
+from data_pipelines.tracks.trackers import _in_image, _positive_int
 
 # --------------------------------------------------------------------------------------------
 # Tracks computed elsewhere: file backend

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_pipelines import text as text_lib
-from data_pipelines.toy_tasks import Task, ToyEpisode, episode_rng, is_success, sample_episode
-from data_pipelines.toy_world import (
+from data_pipelines.toy.tasks import Task, ToyEpisode, episode_rng, is_success, sample_episode
+from data_pipelines.toy.world import (
     NUM_GRIPPER_PARTS,
     ToyConfig,
     camera_poses,
@@ -281,7 +281,7 @@ def scripted_tracks(problems: ToyProblems, i: int, queries: np.ndarray, horizon:
     Raises:
       ValueError: for a bad index, queries that are not [N 2], or non-positive sizes.
     """
-    from data_pipelines.ground_truth_tracks import track_ground_truth
+    from data_pipelines.tracks.ground_truth import track_ground_truth
 
     i = _check_index(problems, i)
     q = np.asarray(queries, np.float32)

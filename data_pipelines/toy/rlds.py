@@ -1,29 +1,23 @@
-"""Writes the embedded toy world as a real RLDS dataset (the project's default data).
+"""The embedded toy world written as a real RLDS dataset (``python -m data_pipelines.toy``).
 
-    python -m data_pipelines.toy --out DIR [--episodes 64 --val_episodes 8 --seed 0]
-
-produces ``DIR/toy_world/1.0.0`` (read it with ``tfds.builder_from_directory`` or
-``--schema=toy`` in ``build_clips``). Per step: RGB, metric depth, segmentation, the
-camera_from_object pose of every surface (so tracks are exact), the gripper state and action,
-and the instruction; per episode: intrinsics, extrinsics, task, target and success.
+Per step: RGB, metric depth, segmentation, the camera_from_object pose of every surface (so
+tracks are exact), the gripper state and action, and the instruction; per episode:
+intrinsics, extrinsics, task, target and success.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from absl import app, flags
 
 from data_pipelines.rlds_writer import step_features, write_rlds
-from data_pipelines.toy_tasks import ToyEpisode, episode_rng, sample_episode
-from data_pipelines.toy_world import ToyConfig, camera_poses, render_rgb_uint8
-from flipjax import console
+from data_pipelines.toy.tasks import ToyEpisode, episode_rng, sample_episode
+from data_pipelines.toy.world import ToyConfig, camera_poses, render_rgb_uint8
 
 NAME, VERSION = "toy_world", "1.0.0"
 
@@ -142,28 +136,3 @@ def build(out: str | Path, episodes_per_split: dict[str, int], *, seed: int = 0,
     desc = f"flipjax toy world, seed {seed}, config {dataclasses.asdict(config)}"
     return write_rlds(out, NAME, features(config), splits, version=VERSION, description=desc,
                       file_format=file_format)
-
-
-_OUT = flags.DEFINE_string("out", None, "Root directory (writes OUT/toy_world/1.0.0).")
-_EPISODES = flags.DEFINE_integer("episodes", 64, "Training episodes.")
-_VAL = flags.DEFINE_integer("val_episodes", 8, "Validation episodes.")
-_SEED = flags.DEFINE_integer("seed", 0, "Dataset seed.")
-_SIZE = flags.DEFINE_integer("image_size", 128, "Rendered image size (square).")
-_FAIL = flags.DEFINE_float("failure_fraction", 0.0, "Fraction of deliberately failed scripts.")
-_FORMAT = flags.DEFINE_enum("file_format", "tfrecord", ["tfrecord", "array_record"],
-                            "RLDS file format.")
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    if not _OUT.value:
-        raise app.UsageError("--out is required")
-    config = ToyConfig(image_size=_SIZE.value, failure_fraction=_FAIL.value)
-    path = build(_OUT.value, {"train": _EPISODES.value, "val": _VAL.value}, seed=_SEED.value,
-                 config=config, file_format=_FORMAT.value, progress=True)
-    print(f"toy world written to {path}")
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    console.run(main, "toy", packages=("data_pipelines",))

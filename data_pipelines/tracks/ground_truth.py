@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from data_pipelines.tracking import (
+from data_pipelines.tracks.trackers import (
     MIN_DEPTH,
     _check_queries,
     _in_image,
