@@ -131,7 +131,7 @@ TOY = Schema(
     intrinsics_key="episode_metadata/intrinsics",
 )
 
-# Meta-World expert demos (data_pipelines/metaworld.py): the toy world's layout, one camera per
+# Meta-World expert demos (data_pipelines/metaworld/): the toy world's layout, one camera per
 # episode; segmentation holds MuJoCo body ids indexing object_poses.
 METAWORLD = dataclasses.replace(TOY, name="metaworld")
 

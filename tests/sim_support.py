@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_PROBE = ("from data_pipelines import metaworld_sim\n"
+_PROBE = ("from data_pipelines.metaworld import sim\n"
           "import metaworld, mujoco\n"
           "m = mujoco.MjModel.from_xml_string('<mujoco><worldbody><geom size=\"1\"/>"
           "</worldbody></mujoco>')\n"

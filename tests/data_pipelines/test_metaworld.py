@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 # Sets MUJOCO_GL (imports nothing from the simulator): must precede the first mujoco import.
-from data_pipelines import metaworld_sim as sim
+from data_pipelines.metaworld import sim
 from tests.sim_support import require_sim
 
 pytest.importorskip("tensorflow_datasets")
@@ -21,9 +21,9 @@ require_sim()
 import mujoco  # noqa: E402 (after require_sim: skipped without the sim extra)
 
 from data_pipelines import metaworld as mw  # noqa: E402
-from data_pipelines import metaworld_demos  # noqa: E402
 from data_pipelines.build_clips import BuildOptions, build_clips  # noqa: E402
 from data_pipelines.loader import ClipDataset  # noqa: E402
+from data_pipelines.metaworld import demos as metaworld_demos  # noqa: E402
 from data_pipelines.rlds import open_builder, read_episodes  # noqa: E402
 from data_pipelines.schemas import METAWORLD, get_schema  # noqa: E402
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_pipelines import metaworld_sim as ms
-from experiments import eval_metaworld as ev
-from experiments import metaworld_planners as mp
+from data_pipelines.metaworld import sim as ms
+from experiments.metaworld import evaluation as ev
+from experiments.metaworld import planners as mp
 
 
 def oracle_factory(method="flipjax"):

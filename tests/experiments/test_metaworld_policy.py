@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments import eval_metaworld as ev
-from experiments.metaworld_policy import (
+from experiments.metaworld import evaluation as ev
+from experiments.metaworld.policy import (
     GRIP_CLOSE,
     GRIP_OPEN,
     ClosedLoopPolicy,

@@ -1,7 +1,7 @@
 """Meta-World (MuJoCo) scenes for flipjax: tasks, cameras, rendering and the scripted experts.
 
-Shared by the demo dataset builder (``data_pipelines/metaworld.py``) and the closed-loop
-evaluation (``experiments/eval_metaworld.py``). Needs the ``sim`` extra (metaworld, mujoco).
+Shared by the demo dataset builder (``data_pipelines/metaworld/dataset.py``) and the closed-loop
+evaluation (``experiments/metaworld/evaluation.py``). Needs the ``sim`` extra (metaworld, mujoco).
 
 Rendering is offscreen; set ``MUJOCO_GL`` to ``egl`` (Mesa llvmpipe works without a GPU) or
 ``osmesa`` before the first import of mujoco. We default it to ``egl``.

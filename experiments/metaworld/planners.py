@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines import metaworld_sim as ms
-from experiments.metaworld_policy import MotionPlan, PlanUnavailable
+from data_pipelines.metaworld import sim as ms
+from experiments.metaworld.policy import MotionPlan, PlanUnavailable
 
 
 @dataclasses.dataclass
@@ -38,7 +38,7 @@ class Scene:
     Attributes:
       task, camera, seed: what is evaluated.
       env: the environment being controlled.
-      renderer: a :class:`metaworld_sim.Renderer` at the planner's frame size.
+      renderer: a :class:`data_pipelines.metaworld.sim.Renderer` at the planner's frame size.
       twin: a second environment of the same task and seed (oracle planners only).
     """
 

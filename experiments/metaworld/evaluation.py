@@ -1,15 +1,15 @@
 """Closed-loop Meta-World evaluation: plan object motion, infer actions, execute, count successes.
 
-    python -m experiments.eval_metaworld --mode=oracle --tasks=all --cameras=all --seeds=0-4 \\
+    python -m experiments.metaworld --mode=oracle --tasks=all --cameras=all --seeds=0-4 \\
         --out=results.json
 
 AVDC's protocol: every episode starts from ``make_env(task, seed)``; the planner sees the
 current frame from one of the ``corner`` cameras (with its depth and the target object's mask),
-``experiments.metaworld_policy.ClosedLoopPolicy`` executes the plan with a position controller
+``experiments.metaworld.policy.ClosedLoopPolicy`` executes the plan with a position controller
 and replans from the current frame after 15 steps without hand motion (at most 5 replans); an
 episode succeeds if any step reports ``info["success"]`` within Meta-World's 500 steps.
 
-Modes (``experiments.metaworld_planners``): ``oracle`` (the simulator's own future object motion,
+Modes (``experiments.metaworld.planners``): ``oracle`` (the simulator's own future object motion,
 flipjax's fit, grasp test and controller: geometry + controller, the upper bound), ``avdc`` (the
 same motion through AVDC's own pipeline: its depth sampling, chained fit, grasp test and
 controller constants), ``model`` (a flipjax world model plans flows from the frame and the
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from data_pipelines import metaworld_sim as ms
+from data_pipelines.metaworld import sim as ms
 from experiments import cli
 from flipjax.settings_record import describe_changes
 
@@ -81,8 +81,8 @@ def run_episode(task: str, camera: str, seed: int, planner_factory: Any, *,
       (record: success, steps, first_success_step, replans, is_grasp, plan diagnostics and
        seconds; frames: uint8[H W 3] list, empty without video).
     """
-    from experiments.metaworld_planners import Scene
-    from experiments.metaworld_policy import ClosedLoopPolicy, ControlConfig, PlanUnavailable
+    from experiments.metaworld.planners import Scene
+    from experiments.metaworld.policy import ClosedLoopPolicy, ControlConfig, PlanUnavailable
 
     start = time.perf_counter()
     env = ms.make_env(task, seed)
@@ -172,14 +172,14 @@ def planner_factory(mode: str, *, frames: int = 8, num_points: int = 500,
                     model_options: dict[str, Any] | None = None) -> tuple[Any, int | None]:
     """(``factory(scene) -> planner``, the frame size the planner needs or None) for ``mode``
     (see the module docstring)."""
-    from experiments import metaworld_planners as mp
+    from experiments.metaworld import planners as mp
 
     if mode in ("oracle", "avdc"):
         method = "flipjax" if mode == "oracle" else "avdc"
         return (lambda scene: mp.oracle_planner(scene, method=method, frames=frames,
                                                 num_points=num_points)), None
     if mode == "model":
-        from experiments.metaworld_model import ModelPlanner
+        from experiments.metaworld.model import ModelPlanner
 
         shared = ModelPlanner(**(model_options or {}))
         return shared.for_scene, shared.image_size
@@ -316,6 +316,7 @@ def main(argv: list[str]) -> None:
           f"({result['successes']}/{result['episodes']}); results in {f.out}")
 
 
-if __name__ == "__main__":
+def run_cli() -> None:
+    """``python -m experiments.metaworld``: defines the flags, then runs :func:`main`."""
     define_flags()
     cli.run(main, "eval_metaworld")

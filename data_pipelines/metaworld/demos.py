@@ -3,10 +3,10 @@
 :func:`render_demo` renders every requested camera at every step: RGB, z-depth, body
 segmentation, the target's mask, camera_from_body poses, and the exact tracks of points sampled
 at step 0 on the target object and on the gripper. ``data_pipelines.metaworld`` caches rollouts
-and writes them as RLDS. Cameras and frames: ``data_pipelines/metaworld_sim.py``.
+and writes them as RLDS. Cameras and frames: ``data_pipelines/metaworld/sim.py``.
 
 Rendering refuses to run where TensorFlow is loaded: with Mesa's offscreen OpenGL (the CPU
-renderer) their two LLVM copies crash the process (``data_pipelines/metaworld.py``).
+renderer) their two LLVM copies crash the process (``data_pipelines/metaworld/dataset.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines import metaworld_sim as sim
+from data_pipelines.metaworld import sim
 
 # A point is visible where the rendered depth agrees with its own within this (metres) plus
 # the relative term times its depth: the rounded pixel samples a slanted surface up to half a
@@ -149,9 +149,9 @@ def render_demo(task: str, seed: int, cameras: Sequence[str], *, image_size: int
     T = A + 1 steps.
 
     Args:
-      task: one of ``metaworld_sim.TASKS``.
+      task: one of ``data_pipelines.metaworld.sim.TASKS``.
       seed: environment seed; also seeds the choice of tracked points.
-      cameras: names from ``metaworld_sim.CAMERAS``.
+      cameras: names from ``data_pipelines.metaworld.sim.CAMERAS``.
       image_size: stored frames are ``image_size`` x ``image_size``.
       supersample: RGB rendered this many times larger and box-averaged.
       max_steps: at most this many actions (<= 500, Meta-World's truncation).

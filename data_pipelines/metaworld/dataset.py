@@ -14,7 +14,7 @@ Per step: RGB, metric z-depth, body segmentation (ids index ``object_poses``), t
 object's mask, camera_from_body of every body, the observation and the action, and the exact
 tracks of points sampled at step 0 on the target object and on the gripper. Per episode:
 intrinsics, extrinsics, task, camera, seed, target body and success. Conventions of cameras and
-frames: ``data_pipelines/metaworld_sim.py``.
+frames: ``data_pipelines/metaworld/sim.py``.
 
 TensorFlow and Mesa's offscreen OpenGL (EGL/llvmpipe, the CPU renderer) cannot share a
 process: both carry LLVM, and loading the second runs the first's static initialisers into a
@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines import metaworld_sim as sim
-from data_pipelines.metaworld_demos import (
+from data_pipelines.metaworld import sim
+from data_pipelines.metaworld.demos import (
     DEPTH_REL_TOLERANCE,
     DEPTH_TOLERANCE,
     META_KEYS,
@@ -284,8 +284,8 @@ def build(out: str | Path, tasks: Sequence[str], cameras: Sequence[str], seeds: 
     Args:
       out: root directory: rollouts are cached in ``out/metaworld_cache/<task>/<seed>.npz``
         and the dataset lands in ``out/metaworld/1.0.0``.
-      tasks: names from ``metaworld_sim.TASKS``.
-      cameras: names from ``metaworld_sim.CAMERAS`` (all rendered in each rollout).
+      tasks: names from ``data_pipelines.metaworld.sim.TASKS``.
+      cameras: names from ``data_pipelines.metaworld.sim.CAMERAS`` (all rendered in each rollout).
       seeds: environment seeds of the ``train`` split.
       val_seeds: seeds of the ``val`` split (none: no ``val`` split); disjoint from ``seeds``.
       workers: rendering processes (spawned, even one: see the module doc).
@@ -399,9 +399,11 @@ def main(argv: list[str]) -> None:
     print(f"Meta-World demos written to {path} in {time.time() - t0:.0f}s")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m data_pipelines.metaworld``: defines the flags, then runs :func:`main`."""
     from flipjax import console
 
+    global FLAGS
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     FLAGS = _flags()
     console.run(main, "metaworld", packages=("data_pipelines",))

@@ -1,7 +1,8 @@
 """Model mode of the Meta-World evaluation: a flipjax world model plans from the current frame.
 
 The history is the current frame repeated (an episode starts from rest), the instruction is
-``metaworld_sim.INSTRUCTIONS[task]`` encoded as the runs' clips were (hash or MiniLM tokens),
+``data_pipelines.metaworld.sim.INSTRUCTIONS[task]`` encoded as the runs' clips were (hash or
+MiniLM tokens),
 ``planning.hill_climb`` searches flows, video and values, and ``planning.plan_to_actions`` fits
 the chosen beam's tracks on the target object's mask: contact point, grasp or push, waypoints.
 Frames are rendered at the models' frame size, so depth, mask and K describe the very pixels
@@ -14,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from data_pipelines import metaworld_sim as ms
-from experiments.metaworld_policy import MotionPlan, PlanUnavailable
+from data_pipelines.metaworld import sim as ms
+from experiments.metaworld.policy import MotionPlan, PlanUnavailable
 
 
 def parse_overrides(text: str) -> dict[str, str]:
