@@ -1,4 +1,4 @@
-"""The dynamics module's input conventions: frames <-> diffusion latents, and flow conditioning.
+"""The dynamics module's frame codec: frames <-> diffusion latents (:class:`LatentCodec`).
 
 Used by the DiT trainer (``experiments/trainers/dit.py``) and by the planner, which must feed
 the trained DiT exactly what it saw in training: the same latents for the history frames and
@@ -36,12 +36,7 @@ latents, so sampling only adds a little noise, while a deterministic encoding gi
 per frame, so the history latents the planner conditions on are the ones the model saw in
 training, the evaluation targets are fixed and a resumed run sees bit-identical inputs.
 
-Flow conditioning (:func:`flow_to_model`): tracks ``float[B N L 2]`` of pixel positions (u, v),
-pixel centres at integers, starting at the current (last history) frame. The official FLIP
-feeds the DiT raw pixel positions (``"pixels"``, the default); ``"unit"`` maps the image
-extent [-0.5, W - 0.5] x [-0.5, H - 0.5] onto [-1, 1]^2, which makes one model usable at
-several frame sizes. :func:`drop_conditions` is the null condition for classifier-free
-guidance (zero flow, no text tokens).
+Flow conditioning (the DiT's flow units, the null condition) is in :mod:`flipjax.flow_conditioning`.
 """
 
 from __future__ import annotations
@@ -67,7 +62,6 @@ KINDS = ("autoencoder", "pixels")
 SD_VAE_SCALE = 0.18215
 # Written by the autoencoder trainer into its workdir (flipjax.models.autoencoder_json).
 AUTOENCODER_CONFIG_FILE = autoencoder_json.CONFIG_FILE
-FLOW_NORMALIZATIONS = ("pixels", "unit")
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors",
                       "diffusion_pytorch_model.fp16.safetensors")
 
@@ -336,90 +330,12 @@ def from_diffusers_dir(directory: str | Path, *, scale: float | None = None,
     return autoencoder_codec(module.config, variables["params"], scale)
 
 
-# ------------------------------------------------------------------------------------------
-# Conditioning
-# ------------------------------------------------------------------------------------------
-
-
-def _check_flow(tracks: Array, image_size: tuple[int, int], normalization: str) -> None:
-    if normalization not in FLOW_NORMALIZATIONS:
-        raise ValueError(f"flow normalization must be one of {FLOW_NORMALIZATIONS}, got "
-                         f"{normalization!r}")
-    if tracks.ndim != 4 or tracks.shape[-1] != 2:
-        raise ValueError(f"tracks must be [B N L 2], got shape {list(tracks.shape)}")
-    if len(image_size) != 2 or min(image_size) < 1:
-        raise ValueError(f"image_size must be (H, W) > 0, got {image_size}")
-
-
-def flow_to_model(tracks: Array, image_size: tuple[int, int],
-                  normalization: str = "pixels") -> Array:
-    """The DiT's flow input from point tracks.
-
-    Args:
-      tracks: float[B N L 2] pixel positions (u, v) starting at the current frame.
-      image_size: (H, W) of the frames the tracks live in.
-      normalization: "pixels" (as the official FLIP: unchanged) or "unit" (the image extent
-        mapped onto [-1, 1]: x = (2u + 1) / W - 1, y = (2v + 1) / H - 1).
-
-    Returns:
-      float32[B N L 2].
-    """
-    _check_flow(tracks, image_size, normalization)
-    tracks = jnp.asarray(tracks, jnp.float32)
-    if normalization == "pixels":
-        return tracks
-    size = jnp.asarray([image_size[1], image_size[0]], jnp.float32)  # (W, H) for (u, v)
-    return (2.0 * tracks + 1.0) / size - 1.0
-
-
-def flow_from_model(flow: Array, image_size: tuple[int, int],
-                    normalization: str = "pixels") -> Array:
-    """Inverse of :func:`flow_to_model`: float[B N L 2] model units -> float32 pixels."""
-    _check_flow(flow, image_size, normalization)
-    flow = jnp.asarray(flow, jnp.float32)
-    if normalization == "pixels":
-        return flow
-    size = jnp.asarray([image_size[1], image_size[0]], jnp.float32)
-    return ((flow + 1.0) * size - 1.0) / 2.0
-
-
-def drop_conditions(flow: Array, text_tokens: Array, text_mask: Array,
-                    drop: Array) -> tuple[Array, Array, Array]:
-    """Replaces the conditions of the ``drop`` samples by the null condition.
-
-    The null condition (for classifier-free guidance) is an all-zero flow and no text tokens
-    (the DiT's sentence encoder then sees only its learned cls token).
-
-    Args:
-      flow: float[B N L 2] model flow.
-      text_tokens: float[B Lt D].
-      text_mask: bool[B Lt].
-      drop: bool[B] samples to make unconditional.
-
-    Returns:
-      (flow, text_tokens, text_mask) with the dropped samples nulled.
-    """
-    b = flow.shape[0]
-    if drop.shape != (b,) or text_tokens.shape[0] != b or text_mask.shape != \
-            text_tokens.shape[:2]:
-        raise ValueError(f"drop {list(drop.shape)} must be [B] for flow {list(flow.shape)}, "
-                         f"text_tokens {list(text_tokens.shape)}, text_mask "
-                         f"{list(text_mask.shape)}")
-    return (jnp.where(drop[:, None, None, None], 0.0, flow),
-            jnp.where(drop[:, None, None], 0.0, text_tokens),
-            text_mask & ~drop[:, None])
-
-
 __all__ = [
     "AUTOENCODER_CONFIG_FILE",
-    "FLOW_NORMALIZATIONS",
     "KINDS",
     "SD_VAE_SCALE",
     "LatentCodec",
     "autoencoder_codec",
-    "drop_conditions",
-    "flow_from_model",
-    "flow_to_model",
     "from_diffusers_dir",
     "from_workdir",
     "pixel_codec",

@@ -1,7 +1,7 @@
 """What every command line of the project shares: a quiet console and one-line user errors.
 
 The programs (``python -m experiments.train``, ``experiments.plan``,
-``experiments.eval_metaworld``, ``data_pipelines.toy``, ``data_pipelines.build_clips``, ...)
+``experiments.metaworld.evaluation``, ``data_pipelines.toy``, ``data_pipelines.build_clips``, ...)
 run through :func:`run` (absl programs) or :func:`user_errors` (argparse programs), which
 
 * log the project's own records (``packages``: progress, evaluations, summaries) at INFO and

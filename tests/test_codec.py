@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flipjax import codec as C
+from flipjax import flow_conditioning
 from flipjax.checkpoints import Checkpointer
 from flipjax.models.autoencoder import AutoencoderKL, tiny_autoencoder
 
@@ -192,30 +193,30 @@ def test_shape_errors_name_the_shape(tiny_ae):
 
 def test_flow_to_model_units_and_round_trip():
     tracks = jnp.asarray([[[[-0.5, -0.5], [31.5, 15.5], [15.5, 7.5]]]])  # [1 1 3 2], W 32 H 16
-    np.testing.assert_array_equal(np.asarray(C.flow_to_model(tracks, (16, 32))),
+    np.testing.assert_array_equal(np.asarray(flow_conditioning.flow_to_model(tracks, (16, 32))),
                                   np.asarray(tracks))
-    unit = C.flow_to_model(tracks, (16, 32), "unit")
+    unit = flow_conditioning.flow_to_model(tracks, (16, 32), "unit")
     np.testing.assert_allclose(np.asarray(unit[0, 0]), [[-1, -1], [1, 1], [0, 0]], atol=1e-6)
-    np.testing.assert_allclose(np.asarray(C.flow_from_model(unit, (16, 32), "unit")),
+    np.testing.assert_allclose(np.asarray(flow_conditioning.flow_from_model(unit, (16, 32), "unit")),
                                np.asarray(tracks), atol=1e-5)
     with pytest.raises(ValueError, match="normalization"):
-        C.flow_to_model(tracks, (16, 32), "metres")
+        flow_conditioning.flow_to_model(tracks, (16, 32), "metres")
     with pytest.raises(ValueError, match=r"\[B N L 2\]"):
-        C.flow_to_model(tracks[0], (16, 32))
+        flow_conditioning.flow_to_model(tracks[0], (16, 32))
 
 
 def test_drop_conditions_nulls_only_dropped_samples():
     flow = jnp.ones((2, 3, 4, 2))
     text = jnp.ones((2, 5, 6))
     mask = jnp.ones((2, 5), bool)
-    f, t, m = C.drop_conditions(flow, text, mask, jnp.asarray([True, False]))
+    f, t, m = flow_conditioning.drop_conditions(flow, text, mask, jnp.asarray([True, False]))
     assert float(jnp.abs(f[0]).sum()) == 0 and float(jnp.abs(t[0]).sum()) == 0
     assert not bool(m[0].any())
     np.testing.assert_array_equal(np.asarray(f[1]), 1.0)
     np.testing.assert_array_equal(np.asarray(t[1]), 1.0)
     assert bool(m[1].all())
     with pytest.raises(ValueError, match="drop"):
-        C.drop_conditions(flow, text, mask, jnp.asarray([True]))
+        flow_conditioning.drop_conditions(flow, text, mask, jnp.asarray([True]))
 
 
 def test_importing_the_codec_does_not_import_flax():

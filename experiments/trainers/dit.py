@@ -15,12 +15,12 @@ posterior mean), so the loader's ``get_state``/``set_state`` alone make a resume
 
 Training batch: ``latents`` float32[B T h w C] (T = history + flow_horizon - 1), ``tracks``
 float32[B N L 2] (pixels), ``text_tokens`` float32[B Lt D], ``text_mask`` bool[B Lt]. Inside the
-jitted step the tracks become the model's flow with :func:`flipjax.codec.flow_to_model`
+jitted step the tracks become the model's flow with :func:`flipjax.flow_conditioning.flow_to_model`
 (``config.flow_normalization``; the official units are pixels). The objective is the official
 IDDPM loss (:func:`flipjax.models.diffusion.model_losses`): t uniform over the
 ``diffusion_steps``-step schedule, history frames clean and excluded from the loss, MSE on eps
 plus the VB term training the learned-range variance. ``config.cond_dropout`` > 0 trains that
-fraction of samples with the null condition (:func:`flipjax.codec.drop_conditions`) for
+fraction of samples with the null condition (:func:`flipjax.flow_conditioning.drop_conditions`) for
 classifier-free guidance; the official recipe does not, so it defaults to 0.
 
 Evaluation (``config.eval_batches`` unshuffled held-out batches, EMA parameters when the run
@@ -52,8 +52,7 @@ from jax.sharding import Mesh
 
 from data_pipelines.loader import ClipDataset
 from experiments.training import clips, loop
-from flipjax import builders, metrics
-from flipjax import codec as codec_lib
+from flipjax import builders, flow_conditioning, metrics
 from flipjax.codec import LatentCodec
 from flipjax.models import diffusion, sampling
 from flipjax.models.video_dit import VideoDiT
@@ -143,7 +142,7 @@ class LatentLoader:
 def conditions(batch: dict[str, jax.Array], image_size: tuple[int, int],
                normalization: str) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(flow float32[B N L 2] in model units, text_tokens, text_mask) of a training batch."""
-    return (codec_lib.flow_to_model(batch["tracks"], image_size, normalization),
+    return (flow_conditioning.flow_to_model(batch["tracks"], image_size, normalization),
             batch["text_tokens"].astype(jnp.float32), batch["text_mask"].astype(bool))
 
 
@@ -181,7 +180,7 @@ def make_loss_fn(model: VideoDiT, schedule: diffusion.Schedule,
         rng, drop_rng = jax.random.split(rng)
         if p_drop > 0:
             drop = jax.random.bernoulli(drop_rng, p_drop, flow.shape[:1])
-            flow, text, mask = codec_lib.drop_conditions(flow, text, mask, drop)
+            flow, text, mask = flow_conditioning.drop_conditions(flow, text, mask, drop)
         terms = diffusion_terms(model, schedule, params, batch["latents"], flow, text, mask,
                                 rng)
         return jnp.mean(terms["loss"]), {"mse": jnp.mean(terms["mse"]),

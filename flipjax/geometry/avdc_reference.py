@@ -12,7 +12,7 @@ dense correspondences) and its released experiment code's behaviour, not copied 
 * steps are chained: T_t = S_t T_{t-1}.
 
 The geometry benchmark (``benchmarks.geometry``) compares flipjax's batched fit against it, and
-the Meta-World evaluation's ``avdc`` mode (``experiments.metaworld_planners``) runs AVDC's
+the Meta-World evaluation's ``avdc`` mode (``experiments.metaworld.planners``) runs AVDC's
 pipeline with it. It needs SciPy (imported when a fit runs) and is orders of magnitude slower
 than :mod:`flipjax.geometry.sequence`.
 """

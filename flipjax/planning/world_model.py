@@ -17,10 +17,11 @@ The functions (``P``: that function's params; every batch axis B is independent 
   history f32[B Th h w C]) -> f32[B F h w C or 2C]``: the dynamics module. ``t`` are the
   ORIGINAL training timesteps (the samplers map respaced steps back); ``denoise`` sees only the
   ``F = L - 1`` future frames, the history is clean. Convert pixel flows to the model's units
-  (``flipjax.codec.flow_to_model``) inside ``encode_conditions``.
+  (``flipjax.flow_conditioning.flow_to_model``) inside ``encode_conditions``.
 * ``null_conditions(P, flows, text_tokens, text_mask) -> cond`` (optional): the null condition
   of classifier-free guidance for a batch shaped like the arguments (FLIP: zero model flow, no
-  text tokens, see ``flipjax.codec.drop_conditions``); needed only for guidance scales != 1.
+  text tokens, see ``flipjax.flow_conditioning.drop_conditions``); needed only for guidance
+  scales != 1.
 * ``encode(P, frames f32[B H W 3]) -> f32[B h w C]`` and ``decode(P, latents) -> frames``: the
   frame codec (``flipjax.codec.LatentCodec`` methods).
 * ``value(P, frames f32[B Tv H W 3], text_tokens, text_mask) -> f32[B]``: value of a clip of
@@ -48,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from flipjax import codec as codec_lib
+from flipjax import flow_conditioning
 from flipjax.codec import LatentCodec
 from flipjax.typing import Array, PRNGKey, PyTree
 
@@ -196,13 +198,13 @@ def world_model_from_modules(*, cvae: FlowCVAE, cvae_params: PyTree, dit: VideoD
         return out["flow"]
 
     def encode_conditions(p: PyTree, flows: Array, text: Array, mask: Array) -> Any:
-        flow = codec_lib.flow_to_model(flows, image_size, flow_normalization)
+        flow = flow_conditioning.flow_to_model(flows, image_size, flow_normalization)
         return dit.apply({"params": p}, flow, text, mask, method="encode_conditions")
 
     def null_conditions(p: PyTree, flows: Array, text: Array, mask: Array) -> Any:
-        flow = codec_lib.flow_to_model(flows, image_size, flow_normalization)
+        flow = flow_conditioning.flow_to_model(flows, image_size, flow_normalization)
         drop = jnp.ones(flows.shape[:1], bool)
-        return dit.apply({"params": p}, *codec_lib.drop_conditions(flow, text, mask, drop),
+        return dit.apply({"params": p}, *flow_conditioning.drop_conditions(flow, text, mask, drop),
                          method="encode_conditions")
 
     def denoise(p: PyTree, x: Array, t: Array, cond: Any, history: Array) -> Array:
