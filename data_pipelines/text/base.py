@@ -3,6 +3,7 @@ checks, padding and the dataset-embedding token (see :mod:`data_pipelines.text`)
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -156,3 +157,12 @@ def sentence_embedding_tokens(
     if not valid:
         return np.zeros((1, emb.shape[0]), np.float32), np.zeros((1,), bool)
     return emb.astype(np.float32)[None], np.ones((1,), bool)
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

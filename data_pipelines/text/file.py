@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zipfile
 from collections.abc import Sequence
@@ -14,17 +13,9 @@ from data_pipelines.text.base import (
     check_instructions,
     check_positive,
     pad_tokens,
+    sha256_file,
     warn_truncated,
 )
-
-
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class FileTextEncoder:

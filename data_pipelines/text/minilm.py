@@ -12,9 +12,9 @@ from data_pipelines.text.base import (
     check_instructions,
     check_positive,
     is_empty_instruction,
+    sha256_file,
     warn_truncated,
 )
-from data_pipelines.text.file import sha256_file
 
 
 def _default_minilm_dir() -> str:
