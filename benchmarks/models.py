@@ -31,11 +31,11 @@ import optax
 
 from benchmarks.report import write_result
 from flipjax.models import diffusion
-from flipjax.models.autoencoder import AutoencoderKL, num_parameters, sd_vae_ft_ema
+from flipjax.models.autoencoder import AutoencoderConfig, AutoencoderKL, num_parameters
 from flipjax.models.cvae_loss import cvae_loss
 from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
-from flipjax.models.value import ValueModel, get_value_config
-from flipjax.models.video_dit import make_video_dit
+from flipjax.models.value import ValueConfig, ValueModel
+from flipjax.models.video_dit import VideoDiT
 
 TARGETS = {"dit_s_forward_gflop_per_sample_max": 80.0}
 B, N, LT, DL = 2, 529, 24, 4096
@@ -83,7 +83,7 @@ def _dit_inputs(key, m):
 def _dit(size: str, timing: bool, key) -> dict:
     out = {}
     for mode in ("shared", "concat"):
-        m = make_video_dit(size, flow_attention=mode)
+        m = VideoDiT.variant(size, flow_attention=mode)
         args = _dit_inputs(key, m)
         abstract = jax.eval_shape(m.init, key, *args)
         params = _random_params(abstract)
@@ -121,7 +121,7 @@ def _dit(size: str, timing: bool, key) -> dict:
 
 
 def _cvae(size: str, timing: bool, key) -> dict:
-    cfg = CVAEConfig.named(size)
+    cfg = CVAEConfig.variant(size)
     m = FlowCVAE(cfg)
     ks = jax.random.split(key, 3)
     flow = jax.random.uniform(ks[0], (B, N, cfg.flow_horizon, 2)) * 128
@@ -155,7 +155,7 @@ def _cvae(size: str, timing: bool, key) -> dict:
 
 
 def _vae(key) -> dict:
-    cfg = sd_vae_ft_ema()
+    cfg = AutoencoderConfig.variant("sd-vae-ft-ema")
     m = AutoencoderKL(cfg)
     x = jnp.zeros((1, 128, 128, 3))
     abstract = jax.eval_shape(m.init, key, x)
@@ -168,7 +168,7 @@ def _vae(key) -> dict:
 
 
 def _value(key) -> dict:
-    cfg = get_value_config("clip-b16")
+    cfg = ValueConfig.variant("clip-b16")
     m = ValueModel(cfg)
     frames = jnp.zeros((1, cfg.clip_len, cfg.image_size, cfg.image_size, 3))
     abstract = jax.eval_shape(lambda k: m.init(k, frames, method=ValueModel.embed_clip), key)
@@ -198,9 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(res["cvae"]["S"], indent=1), flush=True)
     res["param_counts"] = {}
     for size in ("S", "B", "L"):
-        m = make_video_dit(size)
+        m = VideoDiT.variant(size)
         a = jax.eval_shape(m.init, key, *_dit_inputs(key, m))
-        cfg = CVAEConfig.named(size)
+        cfg = CVAEConfig.variant(size)
         c = FlowCVAE(cfg)
         ca = jax.eval_shape(lambda k, c=c, cfg=cfg: c.init(
             {"params": k, "latent": k}, jnp.zeros((1, 1, cfg.flow_horizon, 2)),

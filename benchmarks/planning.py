@@ -151,7 +151,7 @@ def build_world(size: str, seed: int = 0) -> tuple[WorldModel, Any, dict[str, An
     from experiments.trainers import value as value_trainer
     from flipjax import builders
     from flipjax import codec as codec_lib
-    from flipjax.models.autoencoder import AutoencoderKL, sd_vae_ft_ema, tiny_autoencoder
+    from flipjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
     from flipjax.planning.world_model import world_model_from_modules
 
     if size not in SIZES:
@@ -163,7 +163,7 @@ def build_world(size: str, seed: int = 0) -> tuple[WorldModel, Any, dict[str, An
     image_size = tuple(int(s) for s in dc.image_size)
     text_tokens, text_dim = (8, 32) if size == "tiny" else (24, 384)
     key = jax.random.key(seed)
-    ae_config = tiny_autoencoder() if size == "tiny" else sd_vae_ft_ema()
+    ae_config = AutoencoderConfig.variant("tiny" if size == "tiny" else "sd-vae-ft-ema")
     ae_abstract = jax.eval_shape(AutoencoderKL(ae_config).init, key,
                                  jnp.zeros((1, *image_size, 3)))
     codec = codec_lib.autoencoder_codec(ae_config, _random_params(ae_abstract, seed)["params"])

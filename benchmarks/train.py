@@ -175,11 +175,11 @@ def dit_step_figures(size: str, batch: int, dtype: str, steps: int, *, remat: bo
     """Compiles and times the DiT train step on synthetic latents over all local devices."""
     from experiments.training import common
     from flipjax.models import diffusion
-    from flipjax.models.video_dit import make_video_dit
+    from flipjax.models.video_dit import VideoDiT
     from flipjax.sharding import create_mesh
 
     compute = jnp.bfloat16 if dtype == "bfloat16" else None
-    model = make_video_dit(size, latent_size=(latent, latent), flow_horizon=horizon,
+    model = VideoDiT.variant(size, latent_size=(latent, latent), flow_horizon=horizon,
                            history=history, text_dim=text_dim, remat=remat,
                            dtype=compute or jnp.float32)
     frames = model.num_frames

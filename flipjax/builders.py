@@ -20,8 +20,8 @@ from flipjax.codec import LatentCodec
 from flipjax.models import diffusion
 from flipjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
-from flipjax.models.value import ValueConfig, ValueModel, get_value_config
-from flipjax.models.video_dit import VideoDiT, make_video_dit
+from flipjax.models.value import ValueConfig, ValueModel
+from flipjax.models.video_dit import VideoDiT
 
 Config = Any  # an ml_collections.ConfigDict of experiments/configs
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
@@ -53,11 +53,11 @@ def _dtype(config: Config) -> Any:
 
 
 def cvae_config(config: Config) -> CVAEConfig:
-    """``CVAEConfig.named(config.model.size, **the other model fields)``, validated."""
+    """``CVAEConfig.variant(config.model.size, **the other model fields)``, validated."""
     m = config.model.to_dict()
     size = m.pop("size")
     m["img_size"] = tuple(int(s) for s in m["img_size"])
-    cfg = CVAEConfig.named(size, **m)
+    cfg = CVAEConfig.variant(size, **m)
     cfg.validate()
     return cfg
 
@@ -136,7 +136,7 @@ def build_dit(config: Config, codec: LatentCodec) -> VideoDiT:
     if int(m.history) < 1 or int(m.flow_horizon) < 2:
         raise ValueError(f"model.history must be >= 1 and model.flow_horizon >= 2, got "
                          f"{m.history}, {m.flow_horizon}")
-    return make_video_dit(
+    return VideoDiT.variant(
         str(m.size), patch=int(m.patch), in_channels=c, latent_size=(h, w),
         flow_horizon=int(m.flow_horizon), history=int(m.history),
         learn_sigma=bool(m.learn_sigma), text_dim=int(m.text_dim),
@@ -159,7 +159,7 @@ def build_schedule(config: Config) -> diffusion.Schedule:
 
 
 def value_config(config: Config) -> ValueConfig:
-    """``get_value_config(config.model.name, **the other model fields)`` in the compute dtype.
+    """``ValueConfig.variant(config.model.name, **the other model fields)`` in the compute dtype.
 
     Raises:
       ValueError: for an unknown model name, unknown fields or invalid sizes.
@@ -170,7 +170,7 @@ def value_config(config: Config) -> ValueConfig:
     if unknown:
         raise ValueError(f"config.model has fields ValueConfig does not know: {unknown}")
     overrides = {k: v for k, v in m.items() if k not in _NOT_VALUE_CONFIG}
-    return get_value_config(m["name"], **overrides, dtype=_dtype(config))
+    return ValueConfig.variant(m["name"], **overrides, dtype=_dtype(config))
 
 
 def build_value(config: Config) -> ValueModel:

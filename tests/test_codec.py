@@ -12,13 +12,13 @@ import pytest
 from flipjax import codec as C
 from flipjax import flow_conditioning
 from flipjax.checkpoints import Checkpointer
-from flipjax.models.autoencoder import AutoencoderKL, tiny_autoencoder
+from flipjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 
 
 @pytest.fixture(scope="module")
 def tiny_ae():
     """A 3-level (factor 4) autoencoder with random weights, and one of frames."""
-    cfg = tiny_autoencoder(block_out_channels=(32, 32, 32), layers_per_block=1)
+    cfg = AutoencoderConfig.variant("tiny", block_out_channels=(32, 32, 32), layers_per_block=1)
     frames = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1.0, maxval=1.0)
     params = nn.meta.unbox(AutoencoderKL(cfg).init(jax.random.key(0), frames)["params"])
     return cfg, params, frames

@@ -44,7 +44,7 @@ import dataclasses
 import ml_collections
 
 from experiments.configs.common import apply_runlocal, base_config, parse_variant
-from flipjax.models.autoencoder import sd_vae_ft_ema, tiny_autoencoder
+from flipjax.models.autoencoder import AutoencoderConfig
 
 MODES = ("full", "decoder")
 # variant -> trainer mode
@@ -60,12 +60,12 @@ def model_fields(tiny: bool) -> dict:
     """The AutoencoderConfig fields of sd-vae-ft-ema (or the tiny test codec) as plain values.
 
     Args:
-      tiny: the 3-level :func:`tiny_autoencoder` instead of :func:`sd_vae_ft_ema`.
+      tiny: the 3-level ``"tiny"`` variant instead of ``"sd-vae-ft-ema"``.
 
     Returns:
       Field name -> value, without the runtime fields ``dtype`` and ``remat``.
     """
-    cfg = tiny_autoencoder() if tiny else sd_vae_ft_ema()
+    cfg = AutoencoderConfig.variant("tiny" if tiny else "sd-vae-ft-ema")
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}
 
 

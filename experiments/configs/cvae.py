@@ -35,7 +35,7 @@ def cvae_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
     c = base_config()
     c.trainer = "cvae"
 
-    # Model: CVAEConfig.named(size, **fields). Defaults follow the official LIBERO recipe:
+    # Model: CVAEConfig.variant(size, **fields). Defaults follow the official LIBERO recipe:
     # 16 history frames at 128x128, 16-point flows.
     c.model = ml_collections.ConfigDict(dict(
         size=size, flow_horizon=16, history=16, img_size=(128, 128), patch=8,

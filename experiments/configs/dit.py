@@ -41,7 +41,7 @@ def dit_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
     c = base_config()
     c.trainer = "dit"
 
-    # Model: make_video_dit(size, ...); latent_size and in_channels come from the codec.
+    # Model: VideoDiT.variant(size, ...); latent_size and in_channels come from the codec.
     c.model = ml_collections.ConfigDict(dict(
         size=size, patch=2,
         history=4,  # clean observation frames (the last one is the current frame)

@@ -28,9 +28,9 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs.common import apply_runlocal, base_config, parse_variant
-from flipjax.models.value import get_value_config
+from flipjax.models.value import ValueConfig
 
-# variant -> (flipjax.models.value.VALUE_CONFIGS entry, frames per state)
+# variant -> (flipjax.models.value.VARIANTS entry, frames per state)
 VARIANTS = {"clip": ("clip-b16", 4), "liv": ("liv-b16", 1)}
 
 
@@ -46,7 +46,7 @@ def value_config(name: str, runlocal: bool = False, *, clip_len: int
     """A locked value-model training config.
 
     Args:
-      name: ``flipjax.models.value.VALUE_CONFIGS`` entry ("clip-b16", "liv-b16"); runlocal
+      name: ``flipjax.models.value.VARIANTS`` entry ("clip-b16", "liv-b16"); runlocal
         always uses "tiny".
       runlocal: the tiny CPU smoke run.
       clip_len: frames per state (FLIP: 4; LIV: 1).
@@ -56,9 +56,9 @@ def value_config(name: str, runlocal: bool = False, *, clip_len: int
     """
     c = base_config()
     c.trainer = "value"
-    v = get_value_config(name)
+    v = ValueConfig.variant(name)
 
-    # Model: get_value_config(name, **the other fields except language_dim).
+    # Model: ValueConfig.variant(name, **the other fields except language_dim).
     c.model = ml_collections.ConfigDict(dict(
         name=name, image_size=v.image_size, patch=v.patch, clip_len=clip_len,
         temporal_fusion=v.temporal_fusion, text_pool=v.text_pool, gamma=v.gamma,
@@ -87,7 +87,7 @@ def value_config(name: str, runlocal: bool = False, *, clip_len: int
 
     if runlocal:
         apply_runlocal(c)
-        tiny = get_value_config("tiny")
+        tiny = ValueConfig.variant("tiny")
         c.model.name = "tiny"
         c.model.image_size = 32
         c.model.patch = 8

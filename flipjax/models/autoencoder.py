@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from flipjax import shapes
+from flipjax.models import variants
 from flipjax.models.layers import dense, dot_product_attention
 
 Array = jax.Array
@@ -99,6 +100,15 @@ class AutoencoderConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
+    def variant(cls, name: str, **overrides: Any) -> AutoencoderConfig:
+        """The :data:`VARIANTS` entry ``name`` ("sd-vae-ft-ema", "tiny") with field overrides.
+
+        Raises:
+          ValueError: an unknown name.
+        """
+        return cls(**variants.resolve("autoencoder", VARIANTS, name, overrides))
+
+    @classmethod
     def from_diffusers(cls, config: Mapping[str, Any] | str, **overrides: Any
                        ) -> AutoencoderConfig:
         """Builds the config of a diffusers ``AutoencoderKL`` ``config.json``.
@@ -143,17 +153,13 @@ class AutoencoderConfig:
         return cls(**fields)
 
 
-def sd_vae_ft_ema(**overrides: Any) -> AutoencoderConfig:
-    """``stabilityai/sd-vae-ft-ema`` (83,653,863 parameters), the codec FLIP uses."""
-    return AutoencoderConfig(**overrides)
-
-
-def tiny_autoencoder(**overrides: Any) -> AutoencoderConfig:
-    """A 3-level (4x downsampling) codec of 1.3M parameters, for tests."""
-    fields = dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=32,
-                  sample_size=32)
-    fields.update(overrides)
-    return AutoencoderConfig(**fields)
+VARIANTS: dict[str, dict[str, Any]] = {
+    # stabilityai/sd-vae-ft-ema (83,653,863 parameters), the codec FLIP uses.
+    "sd-vae-ft-ema": {},
+    # A 3-level (4x downsampling) codec of 1.3M parameters, for tests and runlocal.
+    "tiny": dict(block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=32,
+                 sample_size=32),
+}
 
 
 # ------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import einops
 import flax.linen as nn
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from flipjax import shapes
+from flipjax.models import variants
 from flipjax.models.layers import (
     Dtype,
     PatchEmbed,
@@ -48,12 +50,19 @@ from flipjax.models.layers import (
 )
 from flipjax.typing import Array
 
-# (hidden, encoder layers, decoder layers, heads) of the official CVAE-S/B/L factories.
-_SIZES = {
-    "S": (384, 4, 8, 4),
-    "B": (768, 4, 10, 4),
-    "L": (768, 6, 12, 8),
-    "tiny": (64, 2, 3, 4),
+
+def _size(hidden: int, encoder_layers: int, decoder_layers: int, num_heads: int
+          ) -> dict[str, int]:
+    return dict(hidden=hidden, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+                num_heads=num_heads)
+
+
+# The official CVAE-S/B/L factories, and the golden-fixture configuration for tests.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": {**_size(64, 2, 3, 4), "flow_horizon": 4, "history": 2, "img_size": (32, 32)},
+    "S": _size(384, 4, 8, 4),
+    "B": _size(768, 4, 10, 4),
+    "L": _size(768, 6, 12, 8),
 }
 
 
@@ -84,21 +93,16 @@ class CVAEConfig:
     language_dim: int = 4096
 
     @classmethod
-    def named(cls, name: str, **overrides) -> CVAEConfig:
-        """Official size ``"S"``, ``"B"``, ``"L"`` (or ``"tiny"`` for tests), with overrides.
+    def variant(cls, name: str, **overrides: Any) -> CVAEConfig:
+        """The :data:`VARIANTS` entry ``name`` ("tiny", "S", "B", "L") with field overrides.
 
         ``"tiny"`` is the golden-fixture configuration: D=64, 2/3 layers, 4 heads, L=4, T=2,
         32x32 images.
+
+        Raises:
+          ValueError: an unknown name.
         """
-        key = name.upper() if name.upper() in _SIZES else name
-        if key not in _SIZES:
-            raise ValueError(f"unknown CVAE size {name!r}; expected one of {sorted(_SIZES)}")
-        hidden, enc, dec, heads = _SIZES[key]
-        base = dict(hidden=hidden, encoder_layers=enc, decoder_layers=dec, num_heads=heads)
-        if key == "tiny":
-            base.update(flow_horizon=4, history=2, img_size=(32, 32))
-        base.update(overrides)
-        return cls(**base)
+        return cls(**variants.resolve("CVAE", VARIANTS, name, overrides))
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -120,21 +124,6 @@ class CVAEConfig:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch {self.patch}")
         if self.flow_horizon < 2:
             raise ValueError(f"flow_horizon must be >= 2, got {self.flow_horizon}")
-
-
-def cvae_small(**overrides) -> CVAEConfig:
-    """Official CVAE-S: D=384, 4 encoder / 8 decoder layers, 4 heads."""
-    return CVAEConfig.named("S", **overrides)
-
-
-def cvae_base(**overrides) -> CVAEConfig:
-    """Official CVAE-B: D=768, 4 encoder / 10 decoder layers, 4 heads."""
-    return CVAEConfig.named("B", **overrides)
-
-
-def cvae_large(**overrides) -> CVAEConfig:
-    """Official CVAE-L: D=768, 6 encoder / 12 decoder layers, 8 heads."""
-    return CVAEConfig.named("L", **overrides)
 
 
 def latent_std(z_logvar: Array, official_std: bool = False) -> Array:

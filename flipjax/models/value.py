@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flipjax import shapes
+from flipjax.models import variants
 from flipjax.models.layers import (
     Mlp,
     MultiHeadAttention,
@@ -159,29 +160,31 @@ class ValueConfig:
         if not 0.0 <= self.gamma < 1.0:
             raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")
 
+    @classmethod
+    def variant(cls, name: str, **overrides: Any) -> ValueConfig:
+        """The :data:`VARIANTS` entry ``name`` ("clip-b16", "liv-b16", "tiny") with overrides.
+
+        Raises:
+          ValueError: an unknown name, or overrides that :meth:`__post_init__` refuses.
+        """
+        return cls(**variants.resolve("value", VARIANTS, name, overrides))
+
     @property
     def grid(self) -> int:
         """Patches per image side."""
         return self.image_size // self.patch
 
 
-VALUE_CONFIGS: dict[str, ValueConfig] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     # CLIP ViT-B/16 towers, FLIP's clip states.
-    "clip-b16": ValueConfig(),
+    "clip-b16": {},
     # The official single-frame LIV with a ViT-B/16 (LIV's released model is RN50).
-    "liv-b16": ValueConfig(clip_len=1),
+    "liv-b16": dict(clip_len=1),
     # Unit tests and toy tasks: 16x16 frames, 2-layer towers.
-    "tiny": ValueConfig(image_size=16, patch=4, vision_width=32, vision_layers=2, vision_heads=2,
-                        text_width=32, text_layers=2, text_heads=2, max_text_len=16,
-                        embed_dim=32, clip_len=3, max_clip_len=8),
+    "tiny": dict(image_size=16, patch=4, vision_width=32, vision_layers=2, vision_heads=2,
+                 text_width=32, text_layers=2, text_heads=2, max_text_len=16, embed_dim=32,
+                 clip_len=3, max_clip_len=8),
 }
-
-
-def get_value_config(name: str, **overrides: Any) -> ValueConfig:
-    """A named :data:`VALUE_CONFIGS` entry with ``overrides`` applied (e.g. ``clip_len=1``)."""
-    if name not in VALUE_CONFIGS:
-        raise ValueError(f"unknown value config {name!r}; known: {sorted(VALUE_CONFIGS)}")
-    return dataclasses.replace(VALUE_CONFIGS[name], **overrides)
 
 
 def _embedding_param(module: nn.Module, name: str, shape: tuple[int, ...], std: float,

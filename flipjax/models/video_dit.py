@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
+from flipjax.models import variants
 from flipjax.models.layers import (
     Mlp,
     MultiHeadAttention,
@@ -58,7 +59,7 @@ Dtype = Any
 
 # Official sizes (DynamicsModel-S/B/L) and a tiny one for tests. The remaining settings are the
 # FLIP defaults: 128x128 frames -> 16x16x4 SD-VAE latents, 4 history frames, flow horizon 16.
-PRESETS: dict[str, dict[str, int]] = {
+VARIANTS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden=64, depth=4, num_heads=4),
     "S": dict(hidden=384, depth=8, num_heads=6),
     "B": dict(hidden=768, depth=12, num_heads=12),
@@ -244,7 +245,9 @@ class FinalLayer(nn.Module):
 
 
 class VideoDiT(nn.Module):
-    """FLIP dynamics model (latent video DiT).
+    """FLIP dynamics model (latent video DiT); its fields are the dynamics config.
+
+    ``VideoDiT.variant("S", history=2)`` builds a named size of :data:`VARIANTS`.
 
     Attributes:
       hidden, depth, num_heads, mlp_ratio: transformer size (depth must be even).
@@ -279,6 +282,15 @@ class VideoDiT(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     flow_attention: str = "shared"
+
+    @classmethod
+    def variant(cls, name: str, **overrides: Any) -> VideoDiT:
+        """The :data:`VARIANTS` size ``name`` ("tiny", "S", "B", "L") with field overrides.
+
+        Raises:
+          ValueError: an unknown name.
+        """
+        return cls(**variants.resolve("DiT", VARIANTS, name, overrides))
 
     @property
     def num_frames(self) -> int:
@@ -391,10 +403,3 @@ class VideoDiT(nn.Module):
                  text_mask: Array) -> Array:
         """float[B T h w C] whole clip -> float32[B T h w out_channels] (see :meth:`denoise`)."""
         return self.denoise(x, t, self.encode_conditions(flow, text_tokens, text_mask))
-
-
-def make_video_dit(size: str = "S", **overrides: Any) -> VideoDiT:
-    """A :class:`VideoDiT` of preset ``size`` ("tiny", "S", "B", "L") with field overrides."""
-    if size not in PRESETS:
-        raise ValueError(f"unknown size {size!r}; choose from {sorted(PRESETS)}")
-    return VideoDiT(**{**PRESETS[size], **overrides})

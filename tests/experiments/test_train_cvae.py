@@ -62,7 +62,7 @@ def test_eval_references_have_known_values():
 
     from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
 
-    model = FlowCVAE(CVAEConfig.named("tiny", language_dim=8))
+    model = FlowCVAE(CVAEConfig.variant("tiny", language_dim=8))
     b, n, lh = 2, 6, 4
     # Half the points move 3 px per step along x, the rest stay put.
     step = np.where(np.arange(n)[None, :, None] < n // 2, 3.0, 0.0) * np.arange(lh)[None, None]

@@ -20,7 +20,7 @@ from experiments.training import loop
 from flipjax import builders
 from flipjax import codec as codec_lib
 from flipjax.checkpoints import Checkpointer, load_params
-from flipjax.models.autoencoder import AutoencoderKL, sd_vae_ft_ema, tiny_autoencoder
+from flipjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from tests.experiments.helpers import BATCH, dit_base, dit_large, dit_small, runlocal_config
 
 
@@ -108,7 +108,7 @@ def test_configs_build_with_the_recipe(module, size, hidden):
         builders.build_codec(c)  # the codec source must be given on the command line
     # The SD-VAE layout: 128x128 frames -> 16x16x4 latents, 19-frame clips.
     sd_like = codec_lib.LatentCodec("autoencoder", 8, 4, 0.18215,
-                                    autoencoder=sd_vae_ft_ema())
+                                    autoencoder=AutoencoderConfig.variant("sd-vae-ft-ema"))
     model = builders.build_dit(c, sd_like)
     assert model.hidden == hidden and model.latent_size == (16, 16) and model.num_frames == 19
     with pytest.raises(AttributeError):
@@ -149,7 +149,7 @@ def test_codec_clip_mismatch_is_a_clear_error(toy_dirs, tmp_path):
 def test_trains_on_a_saved_autoencoder_checkpoint(toy_dirs, tmp_path):
     # 48 latent channels: the DiT then has the pixel-codec runs' shapes, so its compiled
     # train step comes from the cache and only the encoder is new.
-    cfg = tiny_autoencoder(block_out_channels=(32, 32, 32), layers_per_block=1,
+    cfg = AutoencoderConfig.variant("tiny", block_out_channels=(32, 32, 32), layers_per_block=1,
                            latent_channels=48)
     params = nn.meta.unbox(AutoencoderKL(cfg).init(jax.random.key(3),
                                                    jnp.zeros((1, 32, 32, 3)))["params"])

@@ -14,8 +14,6 @@ from flipjax.models.autoencoder import (
     AutoencoderConfig,
     AutoencoderKL,
     num_parameters,
-    sd_vae_ft_ema,
-    tiny_autoencoder,
 )
 from flipjax.models.convert_sd_vae import (
     sd_vae_decode,
@@ -76,7 +74,7 @@ def test_decode_matches_diffusers(golden, converted):
 
 def test_fixture_config_is_the_tiny_named_config(golden, converted):
     module, _ = converted
-    assert module.config == tiny_autoencoder()
+    assert module.config == AutoencoderConfig.variant("tiny")
     assert json.loads(golden[2])["block_out_channels"] == [32, 64, 64]
 
 
@@ -99,7 +97,7 @@ def test_legacy_attention_names_load_identically(golden, converted):
 
 
 def test_sd_vae_ft_ema_parameter_count():
-    assert num_parameters(sd_vae_ft_ema()) == SD_VAE_FT_EMA_PARAMS
+    assert num_parameters(AutoencoderConfig.variant("sd-vae-ft-ema")) == SD_VAE_FT_EMA_PARAMS
 
 
 def test_sd_vae_ft_ema_config_from_diffusers_json():
@@ -109,12 +107,12 @@ def test_sd_vae_ft_ema_config_from_diffusers_json():
         "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
         "out_channels": 3, "sample_size": 256, "up_block_types": ["UpDecoderBlock2D"] * 4,
         "force_upcast": True, "scaling_factor": 0.18215})
-    assert cfg == sd_vae_ft_ema()
+    assert cfg == AutoencoderConfig.variant("sd-vae-ft-ema")
     assert cfg.downsample_factor == 8
 
 
 def test_sd_vae_ft_ema_shapes_downsample_by_8():
-    module = AutoencoderKL(sd_vae_ft_ema())
+    module = AutoencoderKL(AutoencoderConfig.variant("sd-vae-ft-ema"))
     x = jax.ShapeDtypeStruct((2, 64, 96, 3), jnp.float32)
     variables = jax.eval_shape(module.init, jax.random.key(0), x)
     mean, logvar = jax.eval_shape(lambda v, x: module.apply(v, x, method=module.encode),
@@ -237,8 +235,8 @@ def test_remat_gives_the_same_gradients(key):
     # Through the decoder only (it has the same blocks as the encoder) to keep compiles short.
     z = jax.random.normal(key, (1, 4, 4, 4))
     small = dict(block_out_channels=(8,), layers_per_block=1, norm_num_groups=4)
-    plain = AutoencoderKL(tiny_autoencoder(**small))
-    remat = AutoencoderKL(tiny_autoencoder(**small, remat=True))
+    plain = AutoencoderKL(AutoencoderConfig.variant("tiny", **small))
+    remat = AutoencoderKL(AutoencoderConfig.variant("tiny", **small, remat=True))
     variables = random_variables(plain, jnp.zeros((1, 4, 4, 3)))
 
     @jax.jit
@@ -252,7 +250,7 @@ def test_remat_gives_the_same_gradients(key):
 
 
 def test_parameters_carry_logical_axes(key):
-    module = AutoencoderKL(tiny_autoencoder())
+    module = AutoencoderKL(AutoencoderConfig.variant("tiny"))
     p = jax.eval_shape(module.init, key, jnp.zeros((1, 4, 4, 3)))["params"]
     assert p["encoder"]["mid_block"]["attentions_0"]["to_q"]["kernel"].names == ("embed", "mlp")
     assert p["decoder"]["up_blocks_0"]["resnets_0"]["norm1"]["scale"].names == ("embed",)

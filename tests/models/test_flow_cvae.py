@@ -22,9 +22,6 @@ from flipjax.models.convert_flip_cvae import (
 from flipjax.models.flow_cvae import (
     CVAEConfig,
     FlowCVAE,
-    cvae_base,
-    cvae_large,
-    cvae_small,
     latent_std,
     reconstruct_flow,
 )
@@ -55,7 +52,7 @@ def _rel(got, want):
 
 def test_golden_parity(golden):
     m, v, i, o = golden["module"], golden["variables"], golden["inputs"], golden["outputs"]
-    assert m.config == CVAEConfig.named("tiny")
+    assert m.config == CVAEConfig.variant("tiny")
     # The fixture pads language tokens, so the key padding mask is exercised.
     assert not bool(np.all(official_text_mask(i["sentence"])))
     enc = flip_cvae_encode(m, v, i["gt_flow"], i["obs_history"], i["sentence"])
@@ -146,10 +143,10 @@ def _count(cfg: CVAEConfig) -> int:
 def test_parameter_counts_match_the_paper():
     # Official LIBERO recipe: flow_horizon 16, obs_history 16, 128x128 images, 8px patches,
     # 4096-d language; trainable parameters (the frozen sin-cos table excluded).
-    assert cvae_small() == CVAEConfig.named("S")
-    assert _count(cvae_small()) == 14_939_600
-    assert _count(cvae_base()) == 58_792_784
-    assert _count(cvae_large()) == 72_979_280
+    assert CVAEConfig.variant("s") == CVAEConfig.variant("S")
+    assert _count(CVAEConfig.variant("S")) == 14_939_600
+    assert _count(CVAEConfig.variant("B")) == 58_792_784
+    assert _count(CVAEConfig.variant("L")) == 72_979_280
 
 
 def test_bad_shapes_raise(golden):
@@ -158,8 +155,8 @@ def test_bad_shapes_raise(golden):
     with pytest.raises(ValueError, match="history"):
         m.apply(v, jnp.asarray(i["gt_flow"]), hist, jnp.asarray(i["sentence"]),
                 method=FlowCVAE.encode)
-    with pytest.raises(ValueError, match="unknown CVAE size"):
-        CVAEConfig.named("XL")
+    with pytest.raises(ValueError, match="unknown CVAE variant"):
+        CVAEConfig.variant("XL")
 
 
 def test_losses():

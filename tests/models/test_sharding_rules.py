@@ -6,30 +6,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flipjax.models.autoencoder import AutoencoderKL, tiny_autoencoder
+from flipjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
-from flipjax.models.value import ValueModel, get_value_config
-from flipjax.models.video_dit import make_video_dit
+from flipjax.models.value import ValueConfig, ValueModel
+from flipjax.models.video_dit import VideoDiT
 from flipjax.sharding import LOGICAL_RULES, create_mesh
 
 
 def _abstract(name, key):
     if name == "dit-S":
-        m = make_video_dit("S")
+        m = VideoDiT.variant("S")
         return jax.eval_shape(m.init, key, jnp.zeros((1, 19, 16, 16, 4)), jnp.zeros((1,)),
                               jnp.zeros((1, 4, 16, 2)), jnp.zeros((1, 3, 4096)),
                               jnp.ones((1, 3), bool))
     if name == "cvae-S":
-        cfg = CVAEConfig.named("S")
+        cfg = CVAEConfig.variant("S")
         m = FlowCVAE(cfg)
         return jax.eval_shape(lambda k: m.init(
             {"params": k, "latent": k}, jnp.zeros((1, 4, 16, 2)),
             jnp.zeros((1, cfg.history, 128, 128, 3)), jnp.zeros((1, 3, 4096)),
             jnp.ones((1, 3), bool)), key)
     if name == "vae-tiny":
-        return jax.eval_shape(AutoencoderKL(tiny_autoencoder()).init, key,
+        return jax.eval_shape(AutoencoderKL(AutoencoderConfig.variant("tiny")).init, key,
                               jnp.zeros((1, 32, 32, 3)))
-    cfg = get_value_config("tiny")
+    cfg = ValueConfig.variant("tiny")
     return jax.eval_shape(lambda k: ValueModel(cfg).init(
         k, jnp.zeros((1, cfg.clip_len, cfg.image_size, cfg.image_size, 3)),
         method=ValueModel.embed_clip), key)

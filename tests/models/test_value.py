@@ -12,10 +12,10 @@ import pytest
 from flipjax.metrics import value_curve_monotonicity
 from flipjax.models import value_loss as vl
 from flipjax.models.value import (
+    ValueConfig,
     ValueModel,
     clip_state_indices,
     clip_states,
-    get_value_config,
     vip_clip_states,
 )
 
@@ -58,7 +58,7 @@ def toy_text(task):
     return np.where(mask[..., None], TEXT_STATES[task], junk).astype(np.float32), mask
 
 
-CFG = get_value_config("tiny")
+CFG = ValueConfig.variant("tiny")
 MODEL = ValueModel(CFG)
 
 
@@ -66,7 +66,7 @@ MODEL = ValueModel(CFG)
 def variables():
     """Parameters of the tiny model with attention fusion and a cls text token (initialised on
     3-frame clips); a superset of every tiny variant's, which ignore what they do not use."""
-    cfg = get_value_config("tiny", temporal_fusion="attention", text_pool="cls")
+    cfg = ValueConfig.variant("tiny", temporal_fusion="attention", text_pool="cls")
     frames = jnp.zeros((2, cfg.clip_len, cfg.image_size, cfg.image_size, 3))
     tokens, mask = jnp.zeros((2, TEXT_LEN, TEXT_DIM)), jnp.ones((2, TEXT_LEN), bool)
     return nn.unbox(jax.jit(ValueModel(cfg).init)(jax.random.PRNGKey(0), frames, tokens, mask))
@@ -135,12 +135,12 @@ def test_shapes_and_named_configs(variables):
     assert v.shape == (3,)
     np.testing.assert_allclose(v, MODEL.apply(variables, e, et, method=ValueModel.value),
                                atol=1e-5)
-    assert get_value_config("clip-b16").vision_width == 768
-    assert get_value_config("liv-b16").clip_len == 1
-    with pytest.raises(ValueError, match="unknown value config"):
-        get_value_config("nope")
+    assert ValueConfig.variant("clip-b16").vision_width == 768
+    assert ValueConfig.variant("liv-b16").clip_len == 1
+    with pytest.raises(ValueError, match="unknown value variant"):
+        ValueConfig.variant("nope")
     with pytest.raises(ValueError, match="temporal_fusion"):
-        get_value_config("tiny", temporal_fusion="max")
+        ValueConfig.variant("tiny", temporal_fusion="max")
 
 
 @pytest.mark.parametrize("bad", ["size", "clip", "mask"])
@@ -158,8 +158,8 @@ def test_bad_shapes_raise(variables, bad):
 
 @pytest.mark.parametrize("fusion", ["mean", "attention"])
 def test_single_frame_variant_is_clip_length_one(variables, fusion):
-    cfg = get_value_config("tiny", temporal_fusion=fusion)
-    model, liv = ValueModel(cfg), ValueModel(get_value_config("tiny", clip_len=1,
+    cfg = ValueConfig.variant("tiny", temporal_fusion=fusion)
+    model, liv = ValueModel(cfg), ValueModel(ValueConfig.variant("tiny", clip_len=1,
                                                               temporal_fusion=fusion))
     frames = jnp.asarray(toy_videos(np.random.default_rng(1), 2)[0])
     one = model.apply(variables, frames[:, 0], method=ValueModel.embed_frame)
@@ -174,11 +174,11 @@ def test_single_frame_variant_is_clip_length_one(variables, fusion):
 
 
 def test_attention_fusion_changes_once_its_gate_opens(variables):
-    cfg = get_value_config("tiny", temporal_fusion="attention")
+    cfg = ValueConfig.variant("tiny", temporal_fusion="attention")
     variables = jax.tree_util.tree_map(lambda x: x, variables)  # a copy to edit
     clip = jnp.asarray(toy_videos(np.random.default_rng(2), 2)[0][:, :3])
     model = ValueModel(cfg)
-    mean = ValueModel(get_value_config("tiny")).apply(variables, clip,
+    mean = ValueModel(ValueConfig.variant("tiny")).apply(variables, clip,
                                                       method=ValueModel.embed_clip)
     np.testing.assert_allclose(model.apply(variables, clip, method=ValueModel.embed_clip), mean,
                                atol=1e-5)
@@ -189,7 +189,7 @@ def test_attention_fusion_changes_once_its_gate_opens(variables):
 
 @pytest.mark.parametrize("pool", ["cls", "last"])
 def test_padded_text_tokens_do_not_change_the_embedding(variables, pool):
-    cfg = get_value_config("tiny", text_pool=pool)
+    cfg = ValueConfig.variant("tiny", text_pool=pool)
     model = ValueModel(cfg)
     tokens, mask = toy_text(np.array([0, 1, 2]))
     e = model.apply(variables, tokens, mask, method=ValueModel.embed_text)

@@ -12,7 +12,7 @@ import pytest
 
 from flipjax.models import convert_flip_dit as conv
 from flipjax.models.layers import MultiHeadAttention
-from flipjax.models.video_dit import DiTBlock, FlowCrossAttention, VideoDiT, make_video_dit
+from flipjax.models.video_dit import DiTBlock, FlowCrossAttention, VideoDiT
 
 DATA = pathlib.Path(__file__).resolve().parents[1] / "data"
 
@@ -105,7 +105,7 @@ def test_output_is_exactly_zero_at_init(golden, key):
 @pytest.mark.parametrize("size,count", [("S", 31_267_232), ("B", 173_479_712),
                                         ("L", 399_156_256)])
 def test_parameter_counts_match_official(size, count):
-    m = make_video_dit(size, latent_size=(16, 16), flow_horizon=16, history=4)
+    m = VideoDiT.variant(size, latent_size=(16, 16), flow_horizon=16, history=4)
     shapes = nn.unbox(conv.abstract_variables(m, text_len=24)["params"])
     n = sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes))
     assert n == count
@@ -175,7 +175,7 @@ def test_official_concat_mode_gives_the_same_output(golden):
                                                            *golden["inputs"].values())
     assert rel_err(y, golden["z"]["dit/out/y"]) < 1e-4
     with pytest.raises(ValueError, match="flow_attention"):
-        make_video_dit("tiny", flow_attention="nope").init(
+        VideoDiT.variant("tiny", flow_attention="nope").init(
             jax.random.PRNGKey(0), jnp.zeros((1, 19, 16, 16, 4)), jnp.zeros((1,)),
             jnp.zeros((1, 2, 16, 2)), jnp.zeros((1, 3, 4096)), jnp.ones((1, 3), bool))
 
