@@ -48,7 +48,7 @@ setup(
         "train": _TRAIN,
         "notebook": _NOTEBOOK,
         "sim": _SIM,
-        "test": ["pytest>=7.4", "hypothesis>=6.90", "ruff>=0.5", "scipy>=1.11", *_TRAIN, *_TEXT,
-                 *_NOTEBOOK, *_SIM],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "hypothesis>=6.90", "ruff>=0.5",
+                 "scipy>=1.11", *_TRAIN, *_TEXT, *_NOTEBOOK, *_SIM],
     },
 )
