@@ -41,6 +41,9 @@ def cvae_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         size=size, flow_horizon=16, history=16, img_size=(128, 128), patch=8,
         # Must equal the clips' text_dim: 384 = MiniLM (build_clips --text=minilm).
         language_dim=384,
+        # Departures from the official model (flipjax.models.flow_cvae.CVAEConfig):
+        # features sampled at each query point, coordinates in [-1, 1], z in every query.
+        point_features=0, unit_coords=False, latent_to_queries=False,
     ))
     # The official recipe: AdamW at 1e-4, constant. The official global batch size was not
     # verified from the released configs; 64 is a placeholder to tune per device count.

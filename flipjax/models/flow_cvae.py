@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from flipjax import shapes
+from flipjax.geometry.camera import bilinear_sample
 from flipjax.models import variants
 from flipjax.models.layers import (
     Dtype,
@@ -80,6 +81,13 @@ class CVAEConfig:
       img_size: (H, W) of the history frames.
       patch: patch size p of the image embedding.
       language_dim: Dl, width of the precomputed sentence features.
+      point_features: F, width of a learned full-resolution feature map of the history
+        frames, bilinearly sampled at each query point and added to its token (ATM /
+        Track2Act style); 0 = official (a query token sees only its coordinates).
+      unit_coords: query coordinates mapped to [-1, 1] before their Linear (official: raw
+        pixels).
+      latent_to_queries: Linear(z) added to every query token besides the z token (official:
+        the z token only).
     """
 
     hidden: int = 384
@@ -91,6 +99,9 @@ class CVAEConfig:
     img_size: tuple[int, int] = (128, 128)
     patch: int = 8
     language_dim: int = 4096
+    point_features: int = 0
+    unit_coords: bool = False
+    latent_to_queries: bool = False
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> CVAEConfig:
@@ -150,6 +161,23 @@ def reconstruct_flow(query_points: Array, scale: Array, direction: Array) -> Arr
     return jnp.concatenate([query_points[:, :, None], query_points[:, :, None] + steps], axis=2)
 
 
+class PointFeatureMap(nn.Module):
+    """Two 3x3 convolutions over the stacked history at full resolution: float[B H W (T 3)]
+    -> float[B H W F], features for the query points to sample (a departure, see
+    :class:`CVAEConfig`)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        for i in range(2):
+            x = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype,
+                        name=f"conv_{i}")(x)
+            x = nn.gelu(x)
+        return x
+
+
 class FlowCVAE(nn.Module):
     """The FLIP action module (see the module docstring).
 
@@ -183,6 +211,11 @@ class FlowCVAE(nn.Module):
         self.z_logvar = dense(d, ("embed", "mlp"), dtype=dt)
         self.scale_head = dense(lh, ("embed", None), dtype=dt)
         self.direction_head = dense(2 * lh, ("embed", None), dtype=dt)
+        if c.point_features:
+            self.point_feature_map = PointFeatureMap(c.point_features, dtype=dt)
+            self.point_feature_encoder = dense(d, (None, "embed"), dtype=dt)
+        if c.latent_to_queries:
+            self.latent_to_query = dense(d, ("embed", "mlp"), dtype=dt)
 
     # --------------------------------------------------------------------------------------
     # Shared context
@@ -252,11 +285,28 @@ class FlowCVAE(nn.Module):
                 b, n, lh, 2),
         }
 
+    def _query_tokens(self, query_points: Array, history: Array, z: Array) -> Array:
+        c = self.config
+        coords = query_points.astype(jnp.float32)
+        if c.unit_coords:
+            size = jnp.asarray([c.img_size[1] - 1, c.img_size[0] - 1], jnp.float32)
+            coords = 2.0 * coords / size - 1.0
+        q = self.query_point_encoder(coords.astype(self.dtype))
+        if c.point_features:
+            stacked = einops.rearrange(history, "b t h w c -> b h w (t c)").astype(self.dtype)
+            fmap = self.point_feature_map(stacked)
+            sampled = jax.vmap(lambda f, p: bilinear_sample(f, p)[0])(
+                fmap.astype(jnp.float32), query_points.astype(jnp.float32))
+            q = q + self.point_feature_encoder(sampled.astype(self.dtype))
+        if c.latent_to_queries:
+            q = q + self.latent_to_query(z.astype(self.dtype))[:, None]
+        return q
+
     def _decode(self, query_points: Array, img: Array, lang: Array, text_mask: Array | None,
-                z: Array) -> dict[str, Array]:
+                z: Array, history: Array) -> dict[str, Array]:
         b, n, _ = query_points.shape
         lh = self.config.flow_horizon
-        q = self.query_point_encoder(query_points.astype(self.dtype))
+        q = self._query_tokens(query_points, history, z)
         prefix = jnp.concatenate([z.astype(self.dtype)[:, None], q], axis=1)
         h = self._run(self.decoder, prefix, img, lang, text_mask)[:, 1:1 + n]
         # The heads predict L steps; the last one has no successor and is dropped (official).
@@ -311,7 +361,7 @@ class FlowCVAE(nn.Module):
         dims = shapes.check(z, "z", f"B {self.config.hidden}", dims, dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
         img, lang = self.embed_context(history, text_tokens)
-        return self._decode(query_points, img, lang, text_mask, z)
+        return self._decode(query_points, img, lang, text_mask, z, history)
 
     def __call__(self, flow: Array, history: Array, text_tokens: Array,
                  text_mask: Array | None = None, *,
@@ -335,7 +385,7 @@ class FlowCVAE(nn.Module):
         post = self._encode(flow, img, lang, text_mask)
         eps = jax.random.normal(self.make_rng("latent"), post["z_mu"].shape, jnp.float32)
         z = post["z_mu"] + latent_std(post["z_logvar"], official_std) * eps
-        return {**post, "z": z, **self._decode(flow[:, :, 0], img, lang, text_mask, z)}
+        return {**post, "z": z, **self._decode(flow[:, :, 0], img, lang, text_mask, z, history)}
 
     def sample(self, query_points: Array, history: Array, text_tokens: Array,
                text_mask: Array | None = None, *,
@@ -358,4 +408,4 @@ class FlowCVAE(nn.Module):
         b = query_points.shape[0]
         std = latent_std(jnp.zeros((), jnp.float32), official_std)
         z = std * jax.random.normal(self.make_rng("latent"), (b, self.config.hidden))
-        return {"z": z, **self._decode(query_points, img, lang, text_mask, z)}
+        return {"z": z, **self._decode(query_points, img, lang, text_mask, z, history)}

@@ -1,0 +1,179 @@
+"""The action module's learnability ladder: train the CVAE on each rung, score it beside the
+trivial baselines, on the training scenes and on held-out ones.
+
+  python -m benchmarks.cvae_ladder --out ladder.json [--quick] [--rungs one_object,...]
+      [--steps 1500] [--model official|flipjax] [--set point_features=32 --set up_weight=1]
+
+Rungs and their data: :mod:`data_pipelines.toy.ladder`. Figures per rung and split (ADE in
+pixels over moving steps unless named ``_all``): ``posterior`` (decode the posterior mean),
+``prior`` (one N(0, I) sample), ``best_of_8`` (per scene, the best of 8 prior samples),
+``still`` (no motion, the baseline to beat) and ``prior_all`` / ``still_all`` over every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from data_pipelines.toy import ladder
+from flipjax import metrics
+from flipjax.models.cvae_loss import CVAELossConfig, cvae_loss
+from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
+
+# The model and loss departures from the official design, as measured on this ladder.
+PRESETS = {
+    "official": {},
+    "flipjax": dict(point_features=32, unit_coords=True, latent_to_queries=True, up_weight=1.0),
+}
+MODEL_FIELDS = {f.name for f in dataclasses.fields(CVAEConfig)}
+LOSS_FIELDS = {f.name for f in dataclasses.fields(CVAELossConfig)}
+
+
+def per_example_ade(pred: jax.Array, gt: jax.Array, valid: jax.Array) -> jax.Array:
+    """float[B]: mean step distance over each example's ``valid`` steps (0 where none)."""
+    d = metrics.step_distances(pred, gt)
+    return jnp.sum(jnp.where(valid, d, 0.0), axis=(1, 2)) / jnp.maximum(
+        jnp.sum(valid, axis=(1, 2)), 1)
+
+
+def build(overrides: dict[str, Any]) -> tuple[FlowCVAE, CVAELossConfig]:
+    """The tiny ladder CVAE and its loss with ``overrides`` (model or loss fields)."""
+    unknown = set(overrides) - MODEL_FIELDS - LOSS_FIELDS
+    if unknown:
+        raise ValueError(f"--set: unknown fields {sorted(unknown)}; model fields "
+                         f"{sorted(MODEL_FIELDS)}, loss fields {sorted(LOSS_FIELDS)}")
+    model_kw = {k: v for k, v in overrides.items() if k in MODEL_FIELDS}
+    loss_kw = {k: v for k, v in overrides.items() if k in LOSS_FIELDS}
+    cfg = CVAEConfig.variant("tiny", language_dim=ladder.TEXT_DIM, **model_kw)
+    return FlowCVAE(cfg), CVAELossConfig(**loss_kw)
+
+
+def train_and_score(rung: str, overrides: dict[str, Any], *, steps: int, batch: int,
+                    lr: float, n_train: int, n_eval: int, seed: int) -> dict[str, float]:
+    """Trains on ``n_train`` fixed scenes of ``rung``; figures on them and on held-out ones."""
+    model, loss_cfg = build(overrides)
+    c = model.config
+    kw = dict(image_size=c.img_size[0], history=c.history, flow_horizon=c.flow_horizon)
+    train = ladder.make_batch(rung, np.random.default_rng(seed), n_train, **kw)
+    held = ladder.make_batch(rung, np.random.default_rng(seed + 10_000), n_eval, **kw)
+    train = {k: v for k, v in train.items() if k != "direction"}
+    held = {k: v for k, v in held.items() if k != "direction"}
+    key = jax.random.key(seed)
+    params = model.init({"params": key, "latent": key}, jnp.asarray(train["flow"][:2]),
+                        jnp.asarray(train["history"][:2]), jnp.asarray(train["text"][:2]),
+                        jnp.asarray(train["text_mask"][:2]))["params"]
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, x, rng):
+        def loss_fn(p):
+            out = model.apply({"params": p}, x["flow"], x["history"], x["text"],
+                              x["text_mask"], rngs={"latent": rng})
+            return cvae_loss(out, x["flow"], x["history"], c.patch, loss_cfg)["loss"]
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    @jax.jit
+    def score(params, x, rng):
+        v = {"params": params}
+        gt = x["flow"]
+        moving = metrics.moving_steps(gt)
+        post = model.apply(v, gt, x["history"], x["text"], x["text_mask"],
+                           method=FlowCVAE.encode)
+        from_post = model.apply(v, gt[:, :, 0], x["history"], x["text"], x["text_mask"],
+                                post["z_mu"], method=FlowCVAE.decode)["flow"]
+
+        def sample(k):
+            return model.apply(v, gt[:, :, 0], x["history"], x["text"], x["text_mask"],
+                               rngs={"latent": k}, method=FlowCVAE.sample)["flow"]
+        samples = jax.vmap(sample)(jax.random.split(rng, 8))  # [8 B N L 2]
+        per = jax.vmap(lambda f: per_example_ade(f, gt, moving))(samples)  # [8 B]
+        still = jnp.broadcast_to(gt[:, :, :1], gt.shape)
+        every = jnp.ones_like(moving)
+        return {
+            "posterior": jnp.mean(per_example_ade(from_post, gt, moving)),
+            "prior": jnp.mean(per[0]),
+            "best_of_8": jnp.mean(jnp.min(per, axis=0)),
+            "still": jnp.mean(per_example_ade(still, gt, moving)),
+            "prior_all": jnp.mean(per_example_ade(samples[0], gt, every)),
+            "still_all": jnp.mean(per_example_ade(still, gt, every)),
+        }
+
+    rng = np.random.default_rng(seed + 1)
+    t0 = time.perf_counter()
+    losses = []
+    for i in range(steps):
+        idx = rng.integers(0, n_train, batch)
+        x = {k: jnp.asarray(v[idx]) for k, v in train.items()}
+        params, opt, loss = step(params, opt, x, jax.random.fold_in(key, i))
+        losses.append(float(loss)) if i % 100 == 0 or i == steps - 1 else None
+    wall = time.perf_counter() - t0
+    out: dict[str, float] = {"train_wall_s": wall, "final_loss": losses[-1]}
+    for split, data in (("train", train), ("held_out", held)):
+        x = {k: jnp.asarray(v[:n_eval]) for k, v in data.items()}
+        for k, v in score(params, x, jax.random.key(seed + 7)).items():
+            out[f"{split}_{k}"] = float(v)
+    return out
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        out[name] = json.loads(value.lower() if value in ("True", "False") else value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="300 steps, two rungs")
+    p.add_argument("--rungs", default=",".join(ladder.RUNGS))
+    p.add_argument("--model", default="flipjax", choices=sorted(PRESETS))
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a CVAEConfig or CVAELossConfig field (repeatable)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train_scenes", type=int, default=1024)
+    p.add_argument("--eval_scenes", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    try:
+        rungs = [r for r in a.rungs.split(",") if r]
+        bad = [r for r in rungs if r not in ladder.RUNGS]
+        if bad:
+            raise ValueError(f"--rungs: unknown {bad}; expected some of {ladder.RUNGS}")
+        overrides = {**PRESETS[a.model], **_parse_set(a.set)}
+        if a.quick:
+            a.steps, rungs = 300, rungs[:2]
+    except ValueError as e:
+        p.error(str(e))
+    result: dict[str, Any] = {"model": a.model, "overrides": overrides, "steps": a.steps,
+                              "batch": a.batch, "lr": a.lr, "seed": a.seed, "rungs": {}}
+    for rung in rungs:
+        r = train_and_score(rung, overrides, steps=a.steps, batch=a.batch, lr=a.lr,
+                            n_train=a.train_scenes, n_eval=a.eval_scenes, seed=a.seed)
+        result["rungs"][rung] = r
+        print(f"{rung:15s} " + " ".join(
+            f"{k.replace('held_out_', 'ho_')}={v:.2f}" for k, v in r.items()
+            if k.startswith(("held_out", "train_p", "train_best", "train_wall"))), flush=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The CVAE's departures from the official design (CVAEConfig.point_features, unit_coords,
+latent_to_queries): what each query token can see."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
+
+B, N = 2, 5
+
+
+def _model(**kw):
+    m = FlowCVAE(CVAEConfig.variant("tiny", language_dim=8, **kw))
+    rng = np.random.default_rng(0)
+    flow = jnp.asarray(rng.uniform(4, 27, (B, N, 4, 2)), jnp.float32)
+    hist = jnp.asarray(rng.uniform(-1, 1, (B, 2, 32, 32, 3)), jnp.float32)
+    text = jnp.asarray(rng.normal(size=(B, 3, 8)), jnp.float32)
+    params = nn.unbox(m.init({"params": jax.random.key(0), "latent": jax.random.key(1)}, flow,
+                             hist, text)["params"])
+    return m, params, flow, hist, text
+
+
+def _tokens(m, params, points, hist, z):
+    return m.apply({"params": params}, points, hist, z, method=FlowCVAE._query_tokens)
+
+
+def test_official_defaults_add_no_parameters():
+    plain = _model()[1]
+    full = _model(point_features=16, latent_to_queries=True)[1]
+    assert set(full) - set(plain) == {"point_feature_map", "point_feature_encoder",
+                                      "latent_to_query"}
+    assert CVAEConfig().point_features == 0 and not CVAEConfig().unit_coords
+    assert not CVAEConfig().latent_to_queries
+
+
+def test_point_features_see_the_image_under_the_point_and_only_near_it():
+    m, params, _, hist, _ = _model(point_features=16)
+    pts = jnp.asarray([[[10.0, 12.0], [25.0, 5.0]]] * B)
+    z = jnp.zeros((B, 64))
+    base = _tokens(m, params, pts, hist, z)
+    # Two 3x3 convolutions: a pixel two away from (10, 12) is seen, three away is not.
+    for (u, v), seen in (((10, 12), True), ((12, 13), True), ((13, 12), False)):
+        h2 = hist.at[:, :, v, u].add(0.7)
+        changed = np.abs(np.asarray(_tokens(m, params, pts, h2, z) - base)).max(-1)
+        assert bool(changed[0, 0] > 1e-4) == seen, (u, v)
+        np.testing.assert_allclose(changed[:, 1], 0.0, atol=1e-6)  # the far point never
+    # Without the option, the token is the coordinates' embedding alone.
+    m0, p0, _, _, _ = _model()
+    np.testing.assert_array_equal(_tokens(m0, p0, pts, hist, z),
+                                  _tokens(m0, p0, pts, hist.at[:, :, 12, 10].add(0.7), z))
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_latent_reaches_every_query_token_only_when_asked(on):
+    m, params, flow, hist, _ = _model(latent_to_queries=on)
+    z0, z1 = jnp.zeros((B, 64)), jnp.ones((B, 64))
+    diff = np.abs(np.asarray(_tokens(m, params, flow[:, :, 0], hist, z1)
+                             - _tokens(m, params, flow[:, :, 0], hist, z0))).max(-1)
+    assert np.all(diff > 1e-4) if on else np.all(diff == 0)
+
+
+def test_unit_coords_map_the_frame_corners_to_plus_minus_one():
+    m, params, _, hist, _ = _model(unit_coords=True)
+    corners = jnp.asarray([[[0.0, 0.0], [31.0, 31.0], [0.0, 31.0]]] * B)
+    tok = _tokens(m, params, corners, hist, jnp.zeros((B, 64)))
+    enc = params["query_point_encoder"]
+    unit = jnp.asarray([[-1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+    np.testing.assert_allclose(tok[0], unit @ enc["kernel"] + enc["bias"], atol=1e-5)
+
+
+def test_every_option_trains_end_to_end():
+    m, params, flow, hist, text = _model(point_features=8, unit_coords=True,
+                                         latent_to_queries=True)
+    out = m.apply({"params": params}, flow, hist, text, rngs={"latent": jax.random.key(2)})
+    assert out["flow"].shape == (B, N, 4, 2)
+    np.testing.assert_allclose(out["flow"][:, :, 0], flow[:, :, 0])
+
+    def loss(p):
+        o = m.apply({"params": p}, flow, hist, text, rngs={"latent": jax.random.key(2)})
+        return jnp.mean((o["flow"] - flow) ** 2)
+    grads = jax.grad(loss)(params)
+    for name in ("point_feature_map", "point_feature_encoder", "latent_to_query"):
+        leaves = jax.tree_util.tree_leaves(grads[name])
+        assert any(float(jnp.abs(g).max()) > 0 for g in leaves), name
