@@ -37,13 +37,6 @@ MODEL_FIELDS = {f.name for f in dataclasses.fields(CVAEConfig)}
 LOSS_FIELDS = {f.name for f in dataclasses.fields(CVAELossConfig)}
 
 
-def per_example_ade(pred: jax.Array, gt: jax.Array, valid: jax.Array) -> jax.Array:
-    """float[B]: mean step distance over each example's ``valid`` steps (0 where none)."""
-    d = metrics.step_distances(pred, gt)
-    return jnp.sum(jnp.where(valid, d, 0.0), axis=(1, 2)) / jnp.maximum(
-        jnp.sum(valid, axis=(1, 2)), 1)
-
-
 def build(overrides: dict[str, Any]) -> tuple[FlowCVAE, CVAELossConfig]:
     """The tiny ladder CVAE and its loss with ``overrides`` (model or loss fields)."""
     unknown = set(overrides) - MODEL_FIELDS - LOSS_FIELDS
@@ -98,16 +91,14 @@ def train_and_score(rung: str, overrides: dict[str, Any], *, steps: int, batch: 
             return model.apply(v, gt[:, :, 0], x["history"], x["text"], x["text_mask"],
                                rngs={"latent": k}, method=FlowCVAE.sample)["flow"]
         samples = jax.vmap(sample)(jax.random.split(rng, 8))  # [8 B N L 2]
-        per = jax.vmap(lambda f: per_example_ade(f, gt, moving))(samples)  # [8 B]
         still = jnp.broadcast_to(gt[:, :, :1], gt.shape)
-        every = jnp.ones_like(moving)
         return {
-            "posterior": jnp.mean(per_example_ade(from_post, gt, moving)),
-            "prior": jnp.mean(per[0]),
-            "best_of_8": jnp.mean(jnp.min(per, axis=0)),
-            "still": jnp.mean(per_example_ade(still, gt, moving)),
-            "prior_all": jnp.mean(per_example_ade(samples[0], gt, every)),
-            "still_all": jnp.mean(per_example_ade(still, gt, every)),
+            "posterior": metrics.ade(from_post, gt, moving),
+            "prior": metrics.ade(samples[0], gt, moving),
+            "best_of_8": metrics.ade(metrics.best_of_k(samples, gt, moving), gt, moving),
+            "still": metrics.ade(still, gt, moving),
+            "prior_all": metrics.ade(samples[0], gt),
+            "still_all": metrics.ade(still, gt),
         }
 
     rng = np.random.default_rng(seed + 1)

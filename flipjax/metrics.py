@@ -54,6 +54,28 @@ def ade(pred_flow: Array, gt_flow: Array, valid: Array | None = None) -> Array:
     return _masked_mean(step_distances(pred_flow, gt_flow), valid)
 
 
+def best_of_k(samples: Array, gt_flow: Array, valid: Array | None = None) -> Array:
+    """Per clip, the sample closest to the truth: the measure of a generator whose data
+    admits several motions per scene (one sample may rightly pick another mode).
+
+    Args:
+      samples: float[K B N L 2] K predictions per clip.
+      gt_flow: float[B N L 2] ground truth.
+      valid: optional bool[B N L-1] steps that count (e.g. :func:`moving_steps`).
+
+    Returns:
+      float[B N L 2]: for each clip the sample with the lowest mean distance over its valid
+      steps (score it with :func:`ade` and the same ``valid``).
+    """
+    dims = shapes.check(samples, "samples", "K B N L 2", dtype="float")
+    shapes.check(gt_flow, "gt_flow", "B N L 2", dims, dtype="float")
+    d = jnp.linalg.norm(samples[:, :, :, 1:] - gt_flow[None, :, :, 1:], axis=-1)  # [K B N L-1]
+    w = jnp.ones(d.shape[1:], d.dtype) if valid is None else valid.astype(d.dtype)
+    per_clip = jnp.sum(d * w, axis=(2, 3)) / jnp.maximum(jnp.sum(w, axis=(1, 2)), 1.0)
+    best = jnp.argmin(per_clip, axis=0)  # [B]
+    return jnp.take_along_axis(samples, best[None, :, None, None, None], axis=0)[0]
+
+
 def less_than_delta_ratio(pred_flow: Array, gt_flow: Array,
                           deltas: Sequence[float] = (2.0, 4.0, 8.0),
                           valid: Array | None = None) -> Array:

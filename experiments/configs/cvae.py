@@ -63,6 +63,7 @@ def cvae_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
     c.moving_fraction = 0.0
     c.track_noise = 0.0  # std (pixels) of the augmentation noise on tracks
     c.eval_batches = 4  # 0 disables evaluation, also at the last step
+    c.eval_best_of = 8  # prior samples per clip for the best_of_8_* figures
     c.ltdr_deltas = (2.0, 4.0, 8.0)
 
     if runlocal:

@@ -51,6 +51,8 @@ def dit_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         # (build_clips --text=minilm). The official model reads Llama-3.1 features (4096).
         text_dim=384, text_layers=3, text_heads=8,
         flow_attention="shared",  # "concat": the official (costlier, same result) computation
+        # "cross" + flow_gate: own-softmax flow attention behind a zero-init gate (departures)
+        flow_gate=False,
     ))
     c.image_size = (128, 128)  # frames (H, W) of the clips; clips from build_clips --grid 23
     c.remat = False  # rematerialise every DiT block in the backward pass

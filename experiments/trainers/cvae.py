@@ -151,7 +151,7 @@ def flow_scores(pred: jax.Array, gt: jax.Array, deltas: tuple[float, ...],
 
 
 def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...],
-                   objective: CVAELossConfig = CVAELossConfig()) -> Any:
+                   objective: CVAELossConfig = CVAELossConfig(), best_of: int = 8) -> Any:
     """Jitted ``(params, batch, rng) -> (metrics, prior flows float[B N L 2])`` of prior
     samples and posterior reconstructions.
 
@@ -159,7 +159,9 @@ def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...],
     (a model that has not learnt where things move scores worse than it), and
     ``prior_spread``, the mean distance in pixels between two prior samples of the same
     clip (0 when the decoder ignores its latent, so its samples cannot offer a planner
-    alternatives).
+    alternatives). ``best_of_{k}_*`` scores, per clip, the best of ``best_of`` prior samples
+    on its moving steps: when a scene admits several motions, one sample may rightly pick
+    another one, and a planner choosing among samples sees the best.
     """
     loss_fn = make_loss_fn(model, objective)
 
@@ -167,7 +169,7 @@ def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...],
     def eval_step(params: PyTree, batch: dict[str, jax.Array],
                   rng: jax.Array) -> dict[str, jax.Array]:
         x = convert_batch(batch)
-        prior_rng, post_rng, other_rng = jax.random.split(rng, 3)
+        prior_rng, post_rng, other_rng, best_rng = jax.random.split(rng, 4)
 
         def sample(key: jax.Array) -> dict[str, jax.Array]:
             return model.apply({"params": params}, x["flow"][:, :, 0], x["history"],
@@ -175,6 +177,9 @@ def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...],
                                method=FlowCVAE.sample)
 
         prior, other = sample(prior_rng), sample(other_rng)
+        gt = x["flow"]
+        samples = jax.vmap(lambda k: sample(k)["flow"])(jax.random.split(best_rng, best_of))
+        best = flow_metrics.best_of_k(samples, gt, flow_metrics.moving_steps(gt))
         loss, _ = loss_fn(params, batch, post_rng)
         post = model.apply({"params": params}, x["flow"], x["history"], x["text_tokens"],
                            x["text_mask"], rngs={"latent": post_rng})
@@ -182,7 +187,8 @@ def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...],
         spread = jnp.linalg.norm(prior["flow"] - other["flow"], axis=-1)[:, :, 1:].mean()
         metrics = {"loss": loss, **flow_scores(prior["flow"], x["flow"], deltas, "prior"),
                    **flow_scores(post["flow"], x["flow"], deltas, "posterior"),
-                   **flow_scores(still, x["flow"], deltas, "still"), "prior_spread": spread}
+                   **flow_scores(still, x["flow"], deltas, "still"), "prior_spread": spread,
+                   **flow_scores(best, gt, deltas, f"best_of_{best_of}")}
         return metrics, prior["flow"]
 
     return eval_step
@@ -221,7 +227,7 @@ def make_eval_factory(config: ml_collections.ConfigDict, model: FlowCVAE,
     if num_batches == 0:
         return None
     eval_step = make_eval_step(model, tuple(float(d) for d in config.ltdr_deltas),
-                               loss_config(config))
+                               loss_config(config), int(config.get("eval_best_of", 8)))
 
     def factory(mesh: Mesh) -> Any:
         def eval_fn(state: Any, step: int) -> dict[str, float]:

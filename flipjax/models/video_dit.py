@@ -59,6 +59,7 @@ Dtype = Any
 
 # Official sizes (DynamicsModel-S/B/L) and a tiny one for tests. The remaining settings are the
 # FLIP defaults: 128x128 frames -> 16x16x4 SD-VAE latents, 4 history frames, flow horizon 16.
+FLOW_ATTENTION = ("shared", "concat", "cross")
 VARIANTS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden=64, depth=4, num_heads=4),
     "S": dict(hidden=384, depth=8, num_heads=6),
@@ -133,8 +134,14 @@ class DiTBlock(nn.Module):
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
     flow_attention: str = "shared"
+    flow_gate: bool = False
 
     def setup(self) -> None:
+        if self.flow_gate:
+            # Flamingo's tanh gate, zero at init: the block starts as if without flow attention.
+            self.flow_gate_alpha = self.param(
+                "flow_gate", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                (self.hidden,))
         self.self_attn = MultiHeadAttention(self.num_heads, self.hidden, dtype=self.dtype)
         self.cross_attn = FlowCrossAttention(self.num_heads, self.hidden, dtype=self.dtype)
         self.mlp = Mlp(int(self.hidden * self.mlp_ratio),
@@ -162,9 +169,14 @@ class DiTBlock(nn.Module):
         x = x + gate_msa[:, None, None] * self.self_attn(h).reshape(b, g, n, d)
         # The official concatenation normalises the video rows but does not modulate them.
         if self.flow_attention == "concat":
-            x = x + self._concat_flow_attention(self.norm(x), flow_tokens)
+            y = self._concat_flow_attention(self.norm(x), flow_tokens)
+        elif self.flow_attention == "cross":
+            y = self.cross_attn(self.norm(x).reshape(b, g * n, d), kv=flow_kv).reshape(b, g, n, d)
         else:
-            x = x + self.cross_attn.attend(self.norm(x), flow_kv)
+            y = self.cross_attn.attend(self.norm(x), flow_kv)
+        if self.flow_gate:
+            y = jnp.tanh(self.flow_gate_alpha).astype(y.dtype) * y
+        x = x + y
         h = _modulate(self.norm(x), sh_mlp, sc_mlp)
         return x + gate_mlp[:, None, None] * self.mlp(h)
 
@@ -260,9 +272,13 @@ class VideoDiT(nn.Module):
       text_dim, text_layers, text_heads, text_ff: sentence encoder (text_ff default: hidden).
       dtype: compute dtype (parameters stay float32).
       remat: rematerialise each block in the backward pass.
-      flow_attention: ``"shared"`` (flow keys/values once per sample, shared by every group) or
+      flow_attention: ``"shared"`` (flow keys/values once per sample, shared by every group),
         ``"concat"`` (the official replication of the flow tokens into every group; same
-        output, kept as the cost baseline).
+        output, kept as the cost baseline) or ``"cross"`` (a departure: plain cross-attention
+        to the flow tokens, its own softmax, instead of one softmax shared with the group's
+        own tokens, where ~256 flow keys take most of the mass at init).
+      flow_gate: a departure: the flow attention's output passes a per-channel tanh gate
+        initialised at zero, so training starts from the unconditioned video model.
     """
 
     hidden: int = 384
@@ -282,6 +298,7 @@ class VideoDiT(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     flow_attention: str = "shared"
+    flow_gate: bool = False
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> VideoDiT:
@@ -301,8 +318,8 @@ class VideoDiT(nn.Module):
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
     def setup(self) -> None:
-        if self.flow_attention not in ("shared", "concat"):
-            raise ValueError(f"flow_attention must be 'shared' or 'concat', got "
+        if self.flow_attention not in FLOW_ATTENTION:
+            raise ValueError(f"flow_attention must be one of {FLOW_ATTENTION}, got "
                              f"{self.flow_attention!r}")
         if self.depth % 2:
             raise ValueError(f"depth must be even (spatial/temporal pairs), got {self.depth}")
@@ -316,7 +333,8 @@ class VideoDiT(nn.Module):
         self.flow_embedder = FlowEmbedder(self.hidden, dtype=self.dtype)
         block = nn.remat(DiTBlock) if self.remat else DiTBlock
         self.blocks = [block(self.hidden, self.num_heads, self.mlp_ratio, dtype=self.dtype,
-                             flow_attention=self.flow_attention) for _ in range(self.depth)]
+                             flow_attention=self.flow_attention, flow_gate=self.flow_gate)
+                       for _ in range(self.depth)]
         self.final_layer = FinalLayer(self.hidden, self.patch, self.out_channels,
                                       dtype=self.dtype)
 

@@ -86,6 +86,8 @@ def test_eval_references_have_known_values():
     assert flows.shape == (b, n, lh, 2)
     # An untrained decoder reads its latent, so two prior draws differ.
     assert float(metrics["prior_spread"]) > 0.0
+    # The best of 8 draws per clip is at least as close as the first one on its moving steps.
+    assert float(metrics["best_of_8_ade_moving"]) <= float(metrics["prior_ade_moving"]) + 1e-5
 
 
 def test_loss_weights_come_from_the_config():

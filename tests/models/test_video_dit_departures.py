@@ -1,0 +1,64 @@
+"""The DiT's flow-attention departures (VideoDiT.flow_attention="cross", flow_gate)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flipjax.models.video_dit import VideoDiT
+
+B, N = 2, 6
+
+
+def _setup(**kw):
+    m = VideoDiT.variant("tiny", latent_size=(4, 4), in_channels=4, flow_horizon=3, history=2,
+                         text_dim=8, text_layers=1, text_heads=2, **kw)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(B, m.num_frames, 4, 4, 4)), jnp.float32)
+    t = jnp.asarray([3, 500])
+    flow = jnp.asarray(rng.uniform(0, 16, (B, N, 3, 2)), jnp.float32)
+    text, mask = jnp.asarray(rng.normal(size=(B, 3, 8)), jnp.float32), jnp.ones((B, 3), bool)
+    params = nn.unbox(m.init(jax.random.key(0), x, t, flow, text, mask))
+    # adaLN-Zero leaves every block silent at init: randomise the parameters so the flow's
+    # effect is visible, keeping any flow gate at its initial zero.
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    noisy = [v if "flow_gate" in jax.tree_util.keystr(p) else
+             v + 0.05 * jax.random.normal(k, v.shape)
+             for (p, v), k in zip(leaves, keys, strict=True)]
+    params = jax.tree_util.tree_unflatten(tree, noisy)
+
+    def run(p, f):
+        return m.apply(p, x, t, f, text, mask)
+    return params, flow, run
+
+
+def _set_gates(params, value):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.full_like(v, value) if "flow_gate" in jax.tree_util.keystr(p) else v,
+        params)
+
+
+@pytest.mark.parametrize("mode", ["shared", "cross"])
+def test_a_closed_gate_hides_the_flow_and_an_open_one_shows_it(mode):
+    params, flow, run = _setup(flow_attention=mode, flow_gate=True)
+    other = flow[:, ::-1] * 0.5 + 3.0
+    np.testing.assert_allclose(run(params, flow), run(params, other), atol=1e-6)
+    opened = _set_gates(params, 0.5)
+    assert float(jnp.abs(run(opened, flow) - run(opened, other)).max()) > 1e-3
+
+
+def test_cross_attention_has_its_own_softmax_over_the_flow_tokens():
+    # Repeating every flow token leaves a softmax over the flow tokens alone unchanged, but
+    # shifts a softmax shared with the group's own tokens towards the flow.
+    twice = lambda f: jnp.concatenate([f, f], axis=1)
+    params, flow, run = _setup(flow_attention="cross")
+    np.testing.assert_allclose(run(params, flow), run(params, twice(flow)), atol=1e-5)
+    params, flow, run = _setup(flow_attention="shared")
+    assert float(jnp.abs(run(params, flow) - run(params, twice(flow))).max()) > 1e-4
+
+
+def test_unknown_flow_attention_is_refused():
+    with pytest.raises(ValueError, match="flow_attention must be one of"):
+        _setup(flow_attention="nope")
