@@ -49,30 +49,17 @@ def build(overrides: dict[str, Any]) -> tuple[FlowCVAE, CVAELossConfig]:
     return FlowCVAE(cfg), CVAELossConfig(**loss_kw)
 
 
-def train_and_score(rung: str, overrides: dict[str, Any], *, steps: int, batch: int,
-                    lr: float, n_train: int, n_eval: int, seed: int) -> dict[str, float]:
-    """Trains on ``n_train`` fixed scenes of ``rung``; figures on them and on held-out ones."""
-    model, loss_cfg = build(overrides)
-    c = model.config
-    kw = dict(image_size=c.img_size[0], history=c.history, flow_horizon=c.flow_horizon)
-    train = ladder.make_batch(rung, np.random.default_rng(seed), n_train, **kw)
-    held = ladder.make_batch(rung, np.random.default_rng(seed + 10_000), n_eval, **kw)
-    train = {k: v for k, v in train.items() if k != "direction"}
-    held = {k: v for k, v in held.items() if k != "direction"}
-    key = jax.random.key(seed)
-    params = model.init({"params": key, "latent": key}, jnp.asarray(train["flow"][:2]),
-                        jnp.asarray(train["history"][:2]), jnp.asarray(train["text"][:2]),
-                        jnp.asarray(train["text_mask"][:2]))["params"]
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
-    opt = tx.init(params)
+def make_programs(model: FlowCVAE, loss_cfg: CVAELossConfig, tx: Any) -> tuple[Any, Any]:
+    """Jitted ``step(params, opt, batch, rng)`` and ``score(params, batch, rng)``, compiled
+    once and shared by every rung (they all have the same shapes)."""
+    patch = model.config.patch
 
     @jax.jit
     def step(params, opt, x, rng):
         def loss_fn(p):
             out = model.apply({"params": p}, x["flow"], x["history"], x["text"],
                               x["text_mask"], rngs={"latent": rng})
-            return cvae_loss(out, x["flow"], x["history"], c.patch, loss_cfg)["loss"]
+            return cvae_loss(out, x["flow"], x["history"], patch, loss_cfg)["loss"]
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, loss
@@ -101,16 +88,34 @@ def train_and_score(rung: str, overrides: dict[str, Any], *, steps: int, batch: 
             "still_all": metrics.ade(still, gt),
         }
 
+    return step, score
+
+
+def train_and_score(rung: str, model: FlowCVAE, tx: Any, programs: tuple[Any, Any], *,
+                    steps: int, batch: int, n_train: int, n_eval: int, seed: int
+                    ) -> dict[str, float]:
+    """Trains on ``n_train`` fixed scenes of ``rung``; figures on them and on held-out ones."""
+    step, score = programs
+    c = model.config
+    kw = dict(image_size=c.img_size[0], history=c.history, flow_horizon=c.flow_horizon)
+    train = ladder.make_batch(rung, np.random.default_rng(seed), n_train, **kw)
+    held = ladder.make_batch(rung, np.random.default_rng(seed + 10_000), n_eval, **kw)
+    train = {k: v for k, v in train.items() if k != "direction"}
+    held = {k: v for k, v in held.items() if k != "direction"}
+    key = jax.random.key(seed)
+    params = model.init({"params": key, "latent": key}, jnp.asarray(train["flow"][:2]),
+                        jnp.asarray(train["history"][:2]), jnp.asarray(train["text"][:2]),
+                        jnp.asarray(train["text_mask"][:2]))["params"]
+    opt = tx.init(params)
     rng = np.random.default_rng(seed + 1)
     t0 = time.perf_counter()
-    losses = []
+    loss = jnp.zeros(())
     for i in range(steps):
         idx = rng.integers(0, n_train, batch)
         x = {k: jnp.asarray(v[idx]) for k, v in train.items()}
         params, opt, loss = step(params, opt, x, jax.random.fold_in(key, i))
-        losses.append(float(loss)) if i % 100 == 0 or i == steps - 1 else None
-    wall = time.perf_counter() - t0
-    out: dict[str, float] = {"train_wall_s": wall, "final_loss": losses[-1]}
+    out: dict[str, float] = {"final_loss": float(loss),
+                             "train_wall_s": time.perf_counter() - t0}
     for split, data in (("train", train), ("held_out", held)):
         x = {k: jnp.asarray(v[:n_eval]) for k, v in data.items()}
         for k, v in score(params, x, jax.random.key(seed + 7)).items():
@@ -155,8 +160,12 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(e))
     result: dict[str, Any] = {"model": a.model, "overrides": overrides, "steps": a.steps,
                               "batch": a.batch, "lr": a.lr, "seed": a.seed, "rungs": {}}
+    model, loss_cfg = build(overrides)
+    sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, max(a.steps // 20, 1), a.steps)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
+    programs = make_programs(model, loss_cfg, tx)
     for rung in rungs:
-        r = train_and_score(rung, overrides, steps=a.steps, batch=a.batch, lr=a.lr,
+        r = train_and_score(rung, model, tx, programs, steps=a.steps, batch=a.batch,
                             n_train=a.train_scenes, n_eval=a.eval_scenes, seed=a.seed)
         result["rungs"][rung] = r
         print(f"{rung:15s} " + " ".join(

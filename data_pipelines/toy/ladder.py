@@ -53,7 +53,9 @@ def make_batch(rung: str, rng: np.random.Generator, batch: int, *, image_size: i
 
     Returns:
       dict with history float32[B T H W 3] in [-1, 1], flow float32[B N L 2] (u, v pixels),
-      text float32[B 1 Dl], text_mask bool[B 1], direction int32[B] (the faithful one).
+      future float32[B L-1 H W 3] the frames after each step (for the dynamics model; the
+      block moves by whole pixels), text float32[B 1 Dl], text_mask bool[B 1], direction
+      int32[B] (the faithful one).
 
     Raises:
       ValueError: an unknown rung or a block that cannot travel inside the frame.
@@ -69,18 +71,27 @@ def make_batch(rung: str, rng: np.random.Generator, batch: int, *, image_size: i
     flow = np.empty((batch, num_points, flow_horizon, 2), np.float32)
     text = np.zeros((batch, 1, TEXT_DIM), np.float32)
     directions = np.zeros(batch, np.int32)
+    future = np.empty((batch, flow_horizon - 1, image_size, image_size, 3), np.float32)
     ys, xs = np.mgrid[0:image_size, 0:image_size]
+
+    def render(corners: list[tuple[int, int]], colours: np.ndarray) -> np.ndarray:
+        frame = np.full((image_size, image_size, 3), TABLE, np.float32)
+        for (u0, v0), colour in zip(corners, colours, strict=True):
+            inside = (xs >= u0) & (xs < u0 + block) & (ys >= v0) & (ys < v0 + block)
+            frame[inside] = COLOURS[colour]
+        return frame * 2.0 - 1.0
+
     for b in range(batch):
         n_blocks = 2 if rung == "two_objects" else 1
         colours = rng.choice(len(COLOURS), n_blocks, replace=False)
         direction = 0 if rung == "one_object" else int(rng.integers(len(DIRECTIONS)))
         corners = _place(rng, n_blocks, block, travel * DIRECTIONS[direction], image_size)
         directions[b] = direction
-        frame = np.full((image_size, image_size, 3), TABLE, np.float32)
-        for (u0, v0), colour in zip(corners, colours, strict=True):
-            inside = (xs >= u0) & (xs < u0 + block) & (ys >= v0) & (ys < v0 + block)
-            frame[inside] = COLOURS[colour]
-        hist[b] = frame * 2.0 - 1.0
+        hist[b] = render(corners, colours)
+        for k in range(1, flow_horizon):
+            du, dv = np.rint(k * step * DIRECTIONS[direction]).astype(int)
+            future[b, k - 1] = render([(corners[0][0] + du, corners[0][1] + dv), *corners[1:]],
+                                      colours)
         if rung in ("text_direction", "two_objects"):
             text[b, 0, 4 + direction] = 1.0
         if rung == "two_objects":
@@ -96,7 +107,7 @@ def make_batch(rung: str, rng: np.random.Generator, batch: int, *, image_size: i
                  & (q[:, 1] >= v0 - 0.5) & (q[:, 1] < v0 + block - 0.5))
         steps = np.arange(flow_horizon, dtype=np.float32)[:, None] * step
         flow[b] = q[:, None] + moves[:, None, None] * steps * DIRECTIONS[direction]
-    return {"history": hist, "flow": flow, "text": text,
+    return {"history": hist, "flow": flow, "text": text, "future": future,
             "text_mask": np.ones((batch, 1), bool), "direction": directions}
 
 

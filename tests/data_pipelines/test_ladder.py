@@ -37,6 +37,26 @@ def test_points_on_the_named_block_move_by_the_stated_steps_and_nothing_else_doe
         assert moving.mean() >= 0.4  # half the points are drawn on the moving block
 
 
+@pytest.mark.parametrize("rung", ["free_direction", "two_objects"])
+def test_future_frames_show_the_named_block_moved_by_the_flow(rung):
+    b = ladder.make_batch(rung, np.random.default_rng(2), 8)
+    assert b["future"].shape == (8, 3, 32, 32, 3)
+    table = 2 * ladder.TABLE - 1
+    for i in range(8):
+        start = b["history"][i, -1]
+        if rung == "two_objects":
+            colour = 2 * ladder.COLOURS[b["text"][i, 0, :4].argmax()] - 1
+        else:
+            colour = start[np.any(start != table, axis=-1)][0]
+        block = np.all(np.isclose(start, colour), axis=-1)
+        for k in range(3):
+            du, dv = (2 * (k + 1) * ladder.DIRECTIONS[b["direction"][i]]).astype(int)
+            want = start.copy()
+            want[block] = table
+            want[np.roll(block, shift=(dv, du), axis=(0, 1))] = colour
+            np.testing.assert_allclose(b["future"][i, k], want, atol=1e-6)
+
+
 def test_what_each_rung_tells_the_model():
     rng = np.random.default_rng(0)
     one = ladder.make_batch("one_object", rng, 16)

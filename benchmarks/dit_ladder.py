@@ -1,0 +1,240 @@
+"""The dynamics module's learnability ladder: train the video DiT on the ladder's scenes
+(:mod:`data_pipelines.toy.ladder`) and score its DDIM samples beside copying the current frame.
+
+  python -m benchmarks.dit_ladder --out dit_ladder.json [--quick] [--rungs free_direction]
+      [--steps 1500] [--model official|flipjax] [--set flow_gate=true --set residual=true]
+
+Frames are 32x32, encoded by the space-to-depth pixel codec (8x8x48 latents); the DiT is the
+``tiny`` variant with 2 clean history frames and 3 future frames. Figures per rung and split
+(PSNR in dB over the future frames): ``psnr`` (samples with the true flow), ``copy`` (the
+current frame repeated, the baseline to beat), ``moving_true`` / ``moving_still`` (PSNR over
+the pixels that change, with the true flow and with every track held still: a model that
+follows its flow scores higher with the true one).
+
+Options besides the VideoDiT fields: ``latent_scale`` ("none": pixels in [-1, 1] as the
+official smoke codec; "unit": scaled to unit variance over the training clips, as the SD-VAE
+scale factor does for its latents) and ``residual`` (diffuse the change from the current
+frame instead of the future frames themselves, so a model that has learnt nothing copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from data_pipelines.toy import ladder
+from flipjax import codec as codec_lib
+from flipjax.flow_conditioning import flow_to_model
+from flipjax.models import diffusion, sampling
+from flipjax.models.video_dit import VideoDiT
+
+PRESETS = {
+    "official": {},
+    "flipjax": dict(latent_scale="unit", residual=True, flow_attention="cross",
+                    flow_gate=True),
+}
+OPTIONS = {"latent_scale": "none", "residual": False, "sample_steps": 50}
+MODEL_FIELDS = {f.name for f in dataclasses.fields(VideoDiT)} - {"parent", "name"}
+HISTORY, HORIZON, SIZE = 2, 4, 32
+
+
+def _psnr(mse: jax.Array) -> jax.Array:
+    # Frames in [-1, 1]: the peak-to-peak range is 2.
+    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))
+
+
+def make_programs(model: VideoDiT, codec: codec_lib.LatentCodec, tx: Any, residual: bool,
+                  sample_steps: int) -> tuple[Any, Any]:
+    """Jitted ``step(params, opt, batch, rng)`` and ``score(params, batch, rng)``."""
+    schedule = diffusion.linear_schedule(1000)
+    sample_schedule = diffusion.respace(schedule, sample_steps)
+
+    def latents(x: dict[str, jax.Array]) -> jax.Array:
+        video = jnp.concatenate([x["history"], x["future"]], axis=1)
+        lat = codec.encode_video(video)
+        if residual:
+            current = lat[:, HISTORY - 1:HISTORY]
+            lat = jnp.concatenate([lat[:, :HISTORY], lat[:, HISTORY:] - current], axis=1)
+        return lat
+
+    def to_frames(x: dict[str, jax.Array], future_latents: jax.Array) -> jax.Array:
+        if residual:
+            future_latents = future_latents + codec.encode_video(x["history"][:, -1:])
+        return jnp.clip(codec.decode_video(future_latents), -1.0, 1.0)
+
+    def cond(params, x, flow):
+        return model.apply({"params": params}, flow, x["text"], x["text_mask"],
+                           method=VideoDiT.encode_conditions)
+
+    @jax.jit
+    def step(params, opt, x, rng):
+        x0 = latents(x)
+        flow = flow_to_model(x["flow"], (SIZE, SIZE), "pixels")
+        t_rng, n_rng = jax.random.split(rng)
+        t = jax.random.randint(t_rng, x0.shape[:1], 0, schedule.num_steps)
+        noise = jax.random.normal(n_rng, x0.shape)
+
+        def loss_fn(p):
+            def model_fn(xt, ts):
+                return model.apply({"params": p}, xt, ts, flow, x["text"], x["text_mask"])
+            terms = diffusion.model_losses(model_fn, schedule, x0, t, noise, history=HISTORY,
+                                           learned_range=model.learn_sigma)
+            return jnp.mean(terms["loss"])
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    @jax.jit
+    def score(params, x, rng):
+        x0 = latents(x)
+        hist, fut = x0[:, :HISTORY], x0[:, HISTORY:]
+        flow = flow_to_model(x["flow"], (SIZE, SIZE), "pixels")
+
+        def sample(c):
+            def model_fn(xt, ts):
+                return model.apply({"params": params}, xt, ts, c, hist,
+                                   method=VideoDiT.denoise)
+            out = sampling.ddim_sample(model_fn, sample_schedule, rng, fut.shape,
+                                       learned_range=model.learn_sigma)
+            return to_frames(x, out)
+
+        truth = x["future"]
+        pred = sample(cond(params, x, flow))
+        still = sample(cond(params, x, jnp.broadcast_to(flow[:, :, :1], flow.shape)))
+        copy = jnp.broadcast_to(x["history"][:, -1:], truth.shape)
+        changed = jnp.any(truth != copy, axis=-1, keepdims=True)
+        n = jnp.maximum(jnp.sum(changed) * 3, 1)
+
+        def moving(p):
+            return _psnr(jnp.sum(jnp.where(changed, (p - truth) ** 2, 0.0)) / n)
+
+        def frames(p):
+            return jnp.mean(_psnr(jnp.mean((p - truth) ** 2, axis=(2, 3, 4))))
+        return {"psnr": frames(pred), "copy": frames(copy), "still_flow": frames(still),
+                "moving_true": moving(pred), "moving_still": moving(still),
+                "moving_copy": moving(copy)}
+
+    return step, score
+
+
+def build(overrides: dict[str, Any], train: dict[str, np.ndarray]
+          ) -> tuple[VideoDiT, codec_lib.LatentCodec, dict[str, Any]]:
+    """The tiny ladder DiT, its pixel codec and the options, from ``overrides``."""
+    unknown = set(overrides) - MODEL_FIELDS - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"--set: unknown fields {sorted(unknown)}; VideoDiT fields "
+                         f"{sorted(MODEL_FIELDS)}, options {sorted(OPTIONS)}")
+    opts = {**OPTIONS, **{k: v for k, v in overrides.items() if k in OPTIONS}}
+    if opts["latent_scale"] not in ("none", "unit"):
+        raise ValueError(f"latent_scale must be 'none' or 'unit', got {opts['latent_scale']!r}")
+    scale = 1.0
+    if opts["latent_scale"] == "unit":
+        video = np.concatenate([train["history"], train["future"]], axis=1)
+        if opts["residual"]:
+            video = np.concatenate([train["history"], train["future"]
+                                    - train["history"][:, -1:]], axis=1)
+        scale = float(1.0 / max(video.std(), 1e-6))
+    codec = codec_lib.pixel_codec(4, scale=scale)
+    model_kw = {k: v for k, v in overrides.items() if k in MODEL_FIELDS}
+    model = VideoDiT.variant("tiny", latent_size=(8, 8), in_channels=codec.channels,
+                             flow_horizon=HORIZON, history=HISTORY, text_dim=ladder.TEXT_DIM,
+                             text_layers=1, text_heads=2, **model_kw)
+    return model, codec, {**opts, "scale": scale}
+
+
+def train_and_score(rung: str, overrides: dict[str, Any], *, steps: int, batch: int,
+                    lr: float, n_train: int, n_eval: int, seed: int) -> dict[str, float]:
+    """Trains on ``n_train`` fixed scenes of ``rung``; figures on them and on held-out ones."""
+    kw = dict(image_size=SIZE, history=HISTORY, flow_horizon=HORIZON)
+    train = ladder.make_batch(rung, np.random.default_rng(seed), n_train, **kw)
+    held = ladder.make_batch(rung, np.random.default_rng(seed + 10_000), n_eval, **kw)
+    train = {k: v for k, v in train.items() if k != "direction"}
+    held = {k: v for k, v in held.items() if k != "direction"}
+    model, codec, opts = build(overrides, train)
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
+    step, score = make_programs(model, codec, tx, bool(opts["residual"]),
+                                int(opts["sample_steps"]))
+    key = jax.random.key(seed)
+    x = {k: jnp.asarray(v[:2]) for k, v in train.items()}
+    video = codec.encode_video(jnp.concatenate([x["history"], x["future"]], axis=1))
+    params = model.init(key, video, jnp.zeros((2,), jnp.int32),
+                        flow_to_model(x["flow"], (SIZE, SIZE), "pixels"), x["text"],
+                        x["text_mask"])["params"]
+    opt = tx.init(params)
+    rng = np.random.default_rng(seed + 1)
+    t0 = time.perf_counter()
+    loss = jnp.zeros(())
+    for i in range(steps):
+        idx = rng.integers(0, n_train, batch)
+        params, opt, loss = step(params, opt, {k: jnp.asarray(v[idx]) for k, v in train.items()},
+                                 jax.random.fold_in(key, i))
+    out: dict[str, float] = {"final_loss": float(loss), "latent_scale": opts["scale"],
+                             "train_wall_s": time.perf_counter() - t0}
+    for split, data in (("train", train), ("held_out", held)):
+        x = {k: jnp.asarray(v[:n_eval]) for k, v in data.items()}
+        for k, v in score(params, x, jax.random.key(seed + 7)).items():
+            out[f"{split}_{k}"] = float(v)
+    return out
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            out[name] = json.loads(value.lower() if value in ("True", "False") else value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="300 steps, one rung")
+    p.add_argument("--rungs", default="free_direction,two_objects")
+    p.add_argument("--model", default="flipjax", choices=sorted(PRESETS))
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a VideoDiT field or an option of the module docstring (repeatable)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train_scenes", type=int, default=1024)
+    p.add_argument("--eval_scenes", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    try:
+        rungs = [r for r in a.rungs.split(",") if r]
+        bad = [r for r in rungs if r not in ladder.RUNGS]
+        if bad:
+            raise ValueError(f"--rungs: unknown {bad}; expected some of {ladder.RUNGS}")
+        overrides = {**PRESETS[a.model], **_parse_set(a.set)}
+        if a.quick:
+            a.steps, rungs = 300, rungs[:1]
+    except ValueError as e:
+        p.error(str(e))
+    result: dict[str, Any] = {"model": a.model, "overrides": overrides, "steps": a.steps,
+                              "batch": a.batch, "lr": a.lr, "seed": a.seed, "rungs": {}}
+    for rung in rungs:
+        r = train_and_score(rung, overrides, steps=a.steps, batch=a.batch, lr=a.lr,
+                            n_train=a.train_scenes, n_eval=a.eval_scenes, seed=a.seed)
+        result["rungs"][rung] = r
+        print(f"{rung:15s} " + " ".join(f"{k.replace('held_out_', 'ho_')}={v:.2f}"
+                                        for k, v in r.items()), flush=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
