@@ -13,8 +13,11 @@ follows its flow scores higher with the true one).
 
 Options besides the VideoDiT fields: ``latent_scale`` ("none": pixels in [-1, 1] as the
 official smoke codec; "unit": scaled to unit variance over the training clips, as the SD-VAE
-scale factor does for its latents) and ``residual`` (diffuse the change from the current
-frame instead of the future frames themselves, so a model that has learnt nothing copies).
+scale factor does for its latents), ``residual`` (diffuse the change from the current
+frame instead of the future frames themselves, so a model that has learnt nothing copies) and
+``codec_factor`` (the pixel codec's space-to-depth factor: 4, the runlocal configs', gives
+8x8x48 latents and 2x2 patches of 192 values for the tiny DiT's 64-wide tokens; 2 gives
+16x16x12 latents, 48 values per token).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ PRESETS = {
     "flipjax": dict(latent_scale="unit", residual=True, flow_attention="cross",
                     flow_gate=True),
 }
-OPTIONS = {"latent_scale": "none", "residual": False, "sample_steps": 50}
+OPTIONS = {"latent_scale": "none", "residual": False, "sample_steps": 50, "codec_factor": 4}
 MODEL_FIELDS = {f.name for f in dataclasses.fields(VideoDiT)} - {"parent", "name"}
 HISTORY, HORIZON, SIZE = 2, 4, 32
 
@@ -142,9 +145,13 @@ def build(overrides: dict[str, Any], train: dict[str, np.ndarray]
             video = np.concatenate([train["history"], train["future"]
                                     - train["history"][:, -1:]], axis=1)
         scale = float(1.0 / max(video.std(), 1e-6))
-    codec = codec_lib.pixel_codec(4, scale=scale)
+    factor = int(opts["codec_factor"])
+    if SIZE % factor:
+        raise ValueError(f"codec_factor must divide {SIZE}, got {factor}")
+    codec = codec_lib.pixel_codec(factor, scale=scale)
     model_kw = {k: v for k, v in overrides.items() if k in MODEL_FIELDS}
-    model = VideoDiT.variant("tiny", latent_size=(8, 8), in_channels=codec.channels,
+    model = VideoDiT.variant("tiny", latent_size=(SIZE // factor, SIZE // factor),
+                             in_channels=codec.channels,
                              flow_horizon=HORIZON, history=HISTORY, text_dim=ladder.TEXT_DIM,
                              text_layers=1, text_heads=2, **model_kw)
     return model, codec, {**opts, "scale": scale}
@@ -222,7 +229,10 @@ def main(argv: list[str] | None = None) -> None:
         overrides = {**PRESETS[a.model], **_parse_set(a.set)}
         if a.quick:
             a.steps, rungs = 300, rungs[:1]
-    except ValueError as e:
+        tiny = ladder.make_batch(rungs[0], np.random.default_rng(0), 2, image_size=SIZE,
+                                 history=HISTORY, flow_horizon=HORIZON)
+        build(overrides, tiny)
+    except (ValueError, TypeError) as e:
         p.error(str(e))
     result: dict[str, Any] = {"model": a.model, "overrides": overrides, "steps": a.steps,
                               "batch": a.batch, "lr": a.lr, "seed": a.seed, "rungs": {}}

@@ -45,6 +45,9 @@ class CVAELossConfig:
       kl_batch_sum: sum the KL over the batch (official; scales with the batch size) rather
         than averaging the per-example KL.
       robust_kl: apply sqrt(1 + KL^2) - 1.
+      free_nats: per-example KL below this many nats costs nothing (free bits, a departure:
+        the latent can carry a few nats of motion before the KL pushes back, so a strong KL
+        weight does not collapse it while the decoder is still learning to read it).
     """
 
     direction: float = 10.0
@@ -57,6 +60,7 @@ class CVAELossConfig:
     up_weight: float = 100.0
     kl_batch_sum: bool = True
     robust_kl: bool = True
+    free_nats: float = 0.0
 
 
 def _safe_norm(x: Array) -> Array:
@@ -150,18 +154,22 @@ def kl_divergence(z_mu: Array, z_logvar: Array, official_std: bool = False) -> A
     return jnp.sum(kl, axis=-1)
 
 
-def kl_loss(z_mu: Array, z_logvar: Array, batch_sum: bool = True, robust: bool = True) -> Array:
+def kl_loss(z_mu: Array, z_logvar: Array, batch_sum: bool = True, robust: bool = True,
+            free_nats: float = 0.0) -> Array:
     """The KL term of the objective.
 
     Args:
       z_mu, z_logvar: float[B D].
       batch_sum: sum over the batch (official) instead of averaging.
       robust: return sqrt(1 + KL^2) - 1 (official) instead of KL.
+      free_nats: each example's KL counts max(KL, free_nats) (0: official).
 
     Returns:
       float[] loss.
     """
     kl = kl_divergence(z_mu, z_logvar)
+    if free_nats > 0:
+        kl = jnp.maximum(kl, free_nats)
     kl = jnp.sum(kl) if batch_sum else jnp.mean(kl)
     return jnp.sqrt(1.0 + kl**2) - 1.0 if robust else kl
 
@@ -208,7 +216,8 @@ def cvae_loss(outputs: dict[str, Array], gt_flow: Array, history: Array, patch: 
         "scale": thresholded_squared_error(outputs["scale"], target_scale, c.step_threshold,
                                            c.up_weight),
         "ade": weighted_ade(outputs["flow"], gt_flow, c.ade_threshold, c.up_weight),
-        "kl": kl_loss(outputs["z_mu"], outputs["z_logvar"], c.kl_batch_sum, c.robust_kl),
+        "kl": kl_loss(outputs["z_mu"], outputs["z_logvar"], c.kl_batch_sum, c.robust_kl,
+                      c.free_nats),
         "img_recon": jnp.mean((outputs["img_output"] - patchify(history, patch)) ** 2),
         "flow_recon": jnp.mean((outputs["flow_output"] - gt_flow) ** 2),
     }

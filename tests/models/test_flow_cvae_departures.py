@@ -85,3 +85,20 @@ def test_every_option_trains_end_to_end():
     for name in ("point_feature_map", "point_feature_encoder", "latent_to_query"):
         leaves = jax.tree_util.tree_leaves(grads[name])
         assert any(float(jnp.abs(g).max()) > 0 for g in leaves), name
+
+
+def test_free_nats_make_small_kls_free():
+    from flipjax.models import cvae_loss
+
+    mu = jnp.asarray([[0.1, 0.0], [3.0, 0.0]])  # KL 0.005 and 4.5 nats
+    logvar = jnp.zeros((2, 2))
+    kl = cvae_loss.kl_divergence(mu, logvar)
+    np.testing.assert_allclose(kl, [0.005, 4.5], rtol=1e-5)
+    got = cvae_loss.kl_loss(mu, logvar, batch_sum=False, robust=False, free_nats=1.0)
+    assert float(got) == pytest.approx((1.0 + 4.5) / 2)
+    # The example under the threshold gets no gradient; the other one its full KL gradient.
+    g = jax.grad(lambda m: cvae_loss.kl_loss(m, logvar, batch_sum=False, robust=False,
+                                             free_nats=1.0))(mu)
+    np.testing.assert_allclose(g, [[0.0, 0.0], [1.5, 0.0]], atol=1e-6)
+    assert float(cvae_loss.kl_loss(mu, logvar, free_nats=0.0)) == pytest.approx(
+        float(cvae_loss.kl_loss(mu, logvar)))
