@@ -12,17 +12,14 @@ pixels over moving steps unless named ``_all``): ``posterior`` (decode the poste
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from benchmarks import ladder_common as common
 from data_pipelines.toy import ladder
 from flipjax import metrics
 from flipjax.models.cvae_loss import CVAELossConfig, cvae_loss
@@ -100,82 +97,33 @@ def train_and_score(rung: str, model: FlowCVAE, tx: Any, programs: tuple[Any, An
     """Trains on ``n_train`` fixed scenes of ``rung``; figures on them and on held-out ones."""
     step, score = programs
     c = model.config
-    kw = dict(image_size=c.img_size[0], history=c.history, flow_horizon=c.flow_horizon)
-    train = ladder.make_batch(rung, np.random.default_rng(seed), n_train, **kw)
-    held = ladder.make_batch(rung, np.random.default_rng(seed + 10_000), n_eval, **kw)
-    train = {k: v for k, v in train.items() if k != "direction"}
-    held = {k: v for k, v in held.items() if k != "direction"}
+    train, held = common.scenes(rung, seed, n_train, n_eval, image_size=c.img_size[0],
+                                history=c.history, flow_horizon=c.flow_horizon)
     key = jax.random.key(seed)
-    params = model.init({"params": key, "latent": key}, jnp.asarray(train["flow"][:2]),
-                        jnp.asarray(train["history"][:2]), jnp.asarray(train["text"][:2]),
-                        jnp.asarray(train["text_mask"][:2]))["params"]
-    opt = tx.init(params)
-    rng = np.random.default_rng(seed + 1)
-    t0 = time.perf_counter()
-    loss = jnp.zeros(())
-    for i in range(steps):
-        idx = rng.integers(0, n_train, batch)
-        x = {k: jnp.asarray(v[idx]) for k, v in train.items()}
-        params, opt, loss = step(params, opt, x, jax.random.fold_in(key, i))
-    out: dict[str, float] = {"final_loss": float(loss),
-                             "train_wall_s": time.perf_counter() - t0}
-    for split, data in (("train", train), ("held_out", held)):
-        x = {k: jnp.asarray(v[:n_eval]) for k, v in data.items()}
-        for k, v in score(params, x, jax.random.key(seed + 7)).items():
-            out[f"{split}_{k}"] = float(v)
-    return out
-
-
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
-        out[name] = json.loads(value.lower() if value in ("True", "False") else value)
-    return out
+    x = {k: jnp.asarray(v[:2]) for k, v in train.items()}
+    params = model.init({"params": key, "latent": key}, x["flow"], x["history"], x["text"],
+                        x["text_mask"])["params"]
+    return common.fit_and_score(step, score, params, tx.init(params), train, held, steps=steps,
+                                batch=batch, n_eval=n_eval, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--quick", action="store_true", help="300 steps, two rungs")
-    p.add_argument("--rungs", default=",".join(ladder.RUNGS))
-    p.add_argument("--model", default="flipjax", choices=sorted(PRESETS))
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a CVAEConfig or CVAELossConfig field (repeatable)")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--train_scenes", type=int, default=1024)
-    p.add_argument("--eval_scenes", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p = common.parser(__doc__, PRESETS, rungs=",".join(ladder.RUNGS), batch=32, eval_scenes=256,
+                      set_help="a CVAEConfig or CVAELossConfig field (repeatable)")
     a = p.parse_args(argv)
     try:
-        rungs = [r for r in a.rungs.split(",") if r]
-        bad = [r for r in rungs if r not in ladder.RUNGS]
-        if bad:
-            raise ValueError(f"--rungs: unknown {bad}; expected some of {ladder.RUNGS}")
-        overrides = {**PRESETS[a.model], **_parse_set(a.set)}
+        rungs = common.parse_rungs(a.rungs)
+        overrides = {**PRESETS[a.model], **common.parse_set(a.set)}
         if a.quick:
             a.steps, rungs = 300, rungs[:2]
         model, loss_cfg = build(overrides)
     except (ValueError, TypeError) as e:
         p.error(str(e))
-    result: dict[str, Any] = {"model": a.model, "overrides": overrides, "steps": a.steps,
-                              "batch": a.batch, "lr": a.lr, "seed": a.seed, "rungs": {}}
-    sched = optax.warmup_cosine_decay_schedule(0.0, a.lr, max(a.steps // 20, 1), a.steps)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
+    tx = common.optimizer(a.lr, a.steps)
     programs = make_programs(model, loss_cfg, tx)
-    for rung in rungs:
-        r = train_and_score(rung, model, tx, programs, steps=a.steps, batch=a.batch,
-                            n_train=a.train_scenes, n_eval=a.eval_scenes, seed=a.seed)
-        result["rungs"][rung] = r
-        print(f"{rung:15s} " + " ".join(
-            f"{k.replace('held_out_', 'ho_')}={v:.2f}" for k, v in r.items()
-            if k.startswith(("held_out", "train_p", "train_best", "train_wall"))), flush=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
+    common.run_rungs(a, overrides, rungs, lambda rung: train_and_score(
+        rung, model, tx, programs, steps=a.steps, batch=a.batch, n_train=a.train_scenes,
+        n_eval=a.eval_scenes, seed=a.seed))
 
 
 if __name__ == "__main__":

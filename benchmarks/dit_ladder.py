@@ -22,10 +22,7 @@ frame instead of the future frames themselves, so a model that has learnt nothin
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import time
 from typing import Any
 
 import jax
@@ -33,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import ladder_common as common
 from data_pipelines.toy import ladder
 from flipjax import codec as codec_lib
 from flipjax.flow_conditioning import flow_to_model
@@ -160,73 +158,30 @@ def build(overrides: dict[str, Any], train: dict[str, np.ndarray]
 def train_and_score(rung: str, overrides: dict[str, Any], *, steps: int, batch: int,
                     lr: float, n_train: int, n_eval: int, seed: int) -> dict[str, float]:
     """Trains on ``n_train`` fixed scenes of ``rung``; figures on them and on held-out ones."""
-    kw = dict(image_size=SIZE, history=HISTORY, flow_horizon=HORIZON)
-    train = ladder.make_batch(rung, np.random.default_rng(seed), n_train, **kw)
-    held = ladder.make_batch(rung, np.random.default_rng(seed + 10_000), n_eval, **kw)
-    train = {k: v for k, v in train.items() if k != "direction"}
-    held = {k: v for k, v in held.items() if k != "direction"}
+    train, held = common.scenes(rung, seed, n_train, n_eval, image_size=SIZE, history=HISTORY,
+                                flow_horizon=HORIZON)
     model, codec, opts = build(overrides, train)
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
+    tx = common.optimizer(lr, steps)
     step, score = make_programs(model, codec, tx, bool(opts["residual"]),
                                 int(opts["sample_steps"]))
-    key = jax.random.key(seed)
     x = {k: jnp.asarray(v[:2]) for k, v in train.items()}
     video = codec.encode_video(jnp.concatenate([x["history"], x["future"]], axis=1))
-    params = model.init(key, video, jnp.zeros((2,), jnp.int32),
+    params = model.init(jax.random.key(seed), video, jnp.zeros((2,), jnp.int32),
                         flow_to_model(x["flow"], (SIZE, SIZE), "pixels"), x["text"],
                         x["text_mask"])["params"]
-    opt = tx.init(params)
-    rng = np.random.default_rng(seed + 1)
-    t0 = time.perf_counter()
-    loss = jnp.zeros(())
-    for i in range(steps):
-        idx = rng.integers(0, n_train, batch)
-        params, opt, loss = step(params, opt, {k: jnp.asarray(v[idx]) for k, v in train.items()},
-                                 jax.random.fold_in(key, i))
-    out: dict[str, float] = {"final_loss": float(loss), "latent_scale": opts["scale"],
-                             "train_wall_s": time.perf_counter() - t0}
-    for split, data in (("train", train), ("held_out", held)):
-        x = {k: jnp.asarray(v[:n_eval]) for k, v in data.items()}
-        for k, v in score(params, x, jax.random.key(seed + 7)).items():
-            out[f"{split}_{k}"] = float(v)
-    return out
-
-
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
-        try:
-            out[name] = json.loads(value.lower() if value in ("True", "False") else value)
-        except json.JSONDecodeError:
-            out[name] = value
-    return out
+    out = common.fit_and_score(step, score, params, tx.init(params), train, held, steps=steps,
+                               batch=batch, n_eval=n_eval, seed=seed)
+    return {"latent_scale": opts["scale"], **out}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--quick", action="store_true", help="300 steps, one rung")
-    p.add_argument("--rungs", default="free_direction,two_objects")
-    p.add_argument("--model", default="flipjax", choices=sorted(PRESETS))
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a VideoDiT field or an option of the module docstring (repeatable)")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--train_scenes", type=int, default=1024)
-    p.add_argument("--eval_scenes", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p = common.parser(__doc__, PRESETS, rungs="free_direction,two_objects", batch=16,
+                      eval_scenes=64, set_help="a VideoDiT field or an option of the module "
+                      "docstring (repeatable)")
     a = p.parse_args(argv)
     try:
-        rungs = [r for r in a.rungs.split(",") if r]
-        bad = [r for r in rungs if r not in ladder.RUNGS]
-        if bad:
-            raise ValueError(f"--rungs: unknown {bad}; expected some of {ladder.RUNGS}")
-        overrides = {**PRESETS[a.model], **_parse_set(a.set)}
+        rungs = common.parse_rungs(a.rungs)
+        overrides = {**PRESETS[a.model], **common.parse_set(a.set)}
         if a.quick:
             a.steps, rungs = 300, rungs[:1]
         tiny = ladder.make_batch(rungs[0], np.random.default_rng(0), 2, image_size=SIZE,
@@ -234,16 +189,9 @@ def main(argv: list[str] | None = None) -> None:
         build(overrides, tiny)
     except (ValueError, TypeError) as e:
         p.error(str(e))
-    result: dict[str, Any] = {"model": a.model, "overrides": overrides, "steps": a.steps,
-                              "batch": a.batch, "lr": a.lr, "seed": a.seed, "rungs": {}}
-    for rung in rungs:
-        r = train_and_score(rung, overrides, steps=a.steps, batch=a.batch, lr=a.lr,
-                            n_train=a.train_scenes, n_eval=a.eval_scenes, seed=a.seed)
-        result["rungs"][rung] = r
-        print(f"{rung:15s} " + " ".join(f"{k.replace('held_out_', 'ho_')}={v:.2f}"
-                                        for k, v in r.items()), flush=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=1)
+    common.run_rungs(a, overrides, rungs, lambda rung: train_and_score(
+        rung, overrides, steps=a.steps, batch=a.batch, lr=a.lr, n_train=a.train_scenes,
+        n_eval=a.eval_scenes, seed=a.seed))
 
 
 if __name__ == "__main__":
