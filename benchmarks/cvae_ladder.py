@@ -110,15 +110,8 @@ def train_and_score(rung: str, model: FlowCVAE, tx: Any, programs: tuple[Any, An
 def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__, PRESETS, rungs=",".join(ladder.RUNGS), batch=32, eval_scenes=256,
                       set_help="a CVAEConfig or CVAELossConfig field (repeatable)")
-    a = p.parse_args(argv)
-    try:
-        rungs = common.parse_rungs(a.rungs)
-        overrides = {**PRESETS[a.model], **common.parse_set(a.set)}
-        if a.quick:
-            a.steps, rungs = 300, rungs[:2]
-        model, loss_cfg = build(overrides)
-    except (ValueError, TypeError) as e:
-        p.error(str(e))
+    a, rungs, overrides = common.parse(p, argv, PRESETS, 2, lambda o, r: build(o))
+    model, loss_cfg = build(overrides)
     tx = common.optimizer(a.lr, a.steps)
     programs = make_programs(model, loss_cfg, tx)
     common.run_rungs(a, overrides, rungs, lambda rung: train_and_score(

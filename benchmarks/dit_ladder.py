@@ -178,17 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__, PRESETS, rungs="free_direction,two_objects", batch=16,
                       eval_scenes=64, set_help="a VideoDiT field or an option of the module "
                       "docstring (repeatable)")
-    a = p.parse_args(argv)
-    try:
-        rungs = common.parse_rungs(a.rungs)
-        overrides = {**PRESETS[a.model], **common.parse_set(a.set)}
-        if a.quick:
-            a.steps, rungs = 300, rungs[:1]
-        tiny = ladder.make_batch(rungs[0], np.random.default_rng(0), 2, image_size=SIZE,
-                                 history=HISTORY, flow_horizon=HORIZON)
-        build(overrides, tiny)
-    except (ValueError, TypeError) as e:
-        p.error(str(e))
+
+    def check(overrides: dict[str, Any], rungs: list[str]) -> None:
+        build(overrides, ladder.make_batch(rungs[0], np.random.default_rng(0), 2,
+                                           image_size=SIZE, history=HISTORY,
+                                           flow_horizon=HORIZON))
+
+    a, rungs, overrides = common.parse(p, argv, PRESETS, 1, check)
     common.run_rungs(a, overrides, rungs, lambda rung: train_and_score(
         rung, overrides, steps=a.steps, batch=a.batch, lr=a.lr, n_train=a.train_scenes,
         n_eval=a.eval_scenes, seed=a.seed))

@@ -119,3 +119,20 @@ def run_rungs(args: argparse.Namespace, overrides: dict[str, Any], rungs: list[s
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None, presets: dict[str, Any],
+          quick_rungs: int, check: Any) -> tuple[argparse.Namespace, list[str], dict[str, Any]]:
+    """Parses the command line: (args, rungs, overrides). ``--quick`` means 300 steps and the
+    first ``quick_rungs`` rungs; ``check(overrides, rungs)`` validates the overrides. Any
+    ValueError or TypeError becomes one usage error line."""
+    a = p.parse_args(argv)
+    try:
+        rungs = parse_rungs(a.rungs)
+        overrides = {**presets[a.model], **parse_set(a.set)}
+        if a.quick:
+            a.steps, rungs = 300, rungs[:quick_rungs]
+        check(overrides, rungs)
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
+    return a, rungs, overrides
