@@ -19,7 +19,7 @@ def _setup(**kw):
     t = jnp.asarray([3, 500])
     flow = jnp.asarray(rng.uniform(0, 16, (B, N, 3, 2)), jnp.float32)
     text, mask = jnp.asarray(rng.normal(size=(B, 3, 8)), jnp.float32), jnp.ones((B, 3), bool)
-    params = nn.unbox(m.init(jax.random.key(0), x, t, flow, text, mask))
+    params = nn.unbox(jax.jit(m.init)(jax.random.key(0), x, t, flow, text, mask))
     # adaLN-Zero leaves every block silent at init: randomise the parameters so the flow's
     # effect is visible, keeping any flow gate at its initial zero.
     leaves, tree = jax.tree_util.tree_flatten_with_path(params)
@@ -29,6 +29,7 @@ def _setup(**kw):
              for (p, v), k in zip(leaves, keys, strict=True)]
     params = jax.tree_util.tree_unflatten(tree, noisy)
 
+    @jax.jit
     def run(p, f):
         return m.apply(p, x, t, f, text, mask)
     return params, flow, run
