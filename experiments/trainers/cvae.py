@@ -164,6 +164,8 @@ def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...],
     another one, and a planner choosing among samples sees the best.
     """
     loss_fn = make_loss_fn(model, objective)
+    if best_of < 2:
+        raise ValueError(f"eval_best_of must be >= 2 (the prior and a second draw), got {best_of}")
 
     @jax.jit
     def eval_step(params: PyTree, batch: dict[str, jax.Array],
@@ -176,9 +178,13 @@ def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...],
                                x["text_tokens"], x["text_mask"], rngs={"latent": key},
                                method=FlowCVAE.sample)
 
-        prior, other = sample(prior_rng), sample(other_rng)
+        # The prior and the other draw are the first two of the best-of-k samples: one decode
+        # each, and the best of k is never worse than the prior sample it includes.
+        keys = jnp.concatenate([jnp.stack([prior_rng, other_rng]),
+                                jax.random.split(best_rng, best_of - 2)])
+        samples = jax.vmap(lambda k: sample(k)["flow"])(keys)
+        prior, other = {"flow": samples[0]}, {"flow": samples[1]}
         gt = x["flow"]
-        samples = jax.vmap(lambda k: sample(k)["flow"])(jax.random.split(best_rng, best_of))
         best = flow_metrics.best_of_k(samples, gt, flow_metrics.moving_steps(gt))
         loss, _ = loss_fn(params, batch, post_rng)
         post = model.apply({"params": params}, x["flow"], x["history"], x["text_tokens"],
