@@ -15,9 +15,10 @@ Options besides the VideoDiT fields: ``latent_scale`` ("none": pixels in [-1, 1]
 official smoke codec; "unit": scaled to unit variance over the training clips, as the SD-VAE
 scale factor does for its latents), ``residual`` (diffuse the change from the current
 frame instead of the future frames themselves, so a model that has learnt nothing copies) and
-``codec_factor`` (the pixel codec's space-to-depth factor: 4, the runlocal configs', gives
-8x8x48 latents and 2x2 patches of 192 values for the tiny DiT's 64-wide tokens; 2 gives
-16x16x12 latents, 48 values per token).
+``flow_normalization`` (the DiT's flow units, "pixels" or "unit"; ``flow_embedding=
+positional`` needs "unit") and ``codec_factor`` (the pixel codec's space-to-depth factor: 4,
+the runlocal configs', gives 8x8x48 latents and 2x2 patches of 192 values for the tiny DiT's
+64-wide tokens; 2 gives 16x16x12 latents, 48 values per token).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ PRESETS = {
     "flipjax": dict(latent_scale="unit", residual=True, flow_attention="cross",
                     flow_gate=True),
 }
-OPTIONS = {"latent_scale": "none", "residual": False, "sample_steps": 50, "codec_factor": 4}
+OPTIONS = {"latent_scale": "none", "residual": False, "sample_steps": 50, "codec_factor": 4,
+           "flow_normalization": "pixels"}
 MODEL_FIELDS = {f.name for f in dataclasses.fields(VideoDiT)} - {"parent", "name"}
 HISTORY, HORIZON, SIZE = 2, 4, 32
 
@@ -53,7 +55,7 @@ def _psnr(mse: jax.Array) -> jax.Array:
 
 
 def make_programs(model: VideoDiT, codec: codec_lib.LatentCodec, tx: Any, residual: bool,
-                  sample_steps: int) -> tuple[Any, Any]:
+                  sample_steps: int, units: str = "pixels") -> tuple[Any, Any]:
     """Jitted ``step(params, opt, batch, rng)`` and ``score(params, batch, rng)``."""
     schedule = diffusion.linear_schedule(1000)
     sample_schedule = diffusion.respace(schedule, sample_steps)
@@ -78,7 +80,7 @@ def make_programs(model: VideoDiT, codec: codec_lib.LatentCodec, tx: Any, residu
     @jax.jit
     def step(params, opt, x, rng):
         x0 = latents(x)
-        flow = flow_to_model(x["flow"], (SIZE, SIZE), "pixels")
+        flow = flow_to_model(x["flow"], (SIZE, SIZE), units)
         t_rng, n_rng = jax.random.split(rng)
         t = jax.random.randint(t_rng, x0.shape[:1], 0, schedule.num_steps)
         noise = jax.random.normal(n_rng, x0.shape)
@@ -97,7 +99,7 @@ def make_programs(model: VideoDiT, codec: codec_lib.LatentCodec, tx: Any, residu
     def score(params, x, rng):
         x0 = latents(x)
         hist, fut = x0[:, :HISTORY], x0[:, HISTORY:]
-        flow = flow_to_model(x["flow"], (SIZE, SIZE), "pixels")
+        flow = flow_to_model(x["flow"], (SIZE, SIZE), units)
 
         def sample(c):
             def model_fn(xt, ts):
@@ -162,12 +164,13 @@ def train_and_score(rung: str, overrides: dict[str, Any], *, steps: int, batch: 
                                 flow_horizon=HORIZON)
     model, codec, opts = build(overrides, train)
     tx = common.optimizer(lr, steps)
+    units = str(opts["flow_normalization"])
     step, score = make_programs(model, codec, tx, bool(opts["residual"]),
-                                int(opts["sample_steps"]))
+                                int(opts["sample_steps"]), units)
     x = {k: jnp.asarray(v[:2]) for k, v in train.items()}
     video = codec.encode_video(jnp.concatenate([x["history"], x["future"]], axis=1))
     params = model.init(jax.random.key(seed), video, jnp.zeros((2,), jnp.int32),
-                        flow_to_model(x["flow"], (SIZE, SIZE), "pixels"), x["text"],
+                        flow_to_model(x["flow"], (SIZE, SIZE), units), x["text"],
                         x["text_mask"])["params"]
     out = common.fit_and_score(step, score, params, tx.init(params), train, held, steps=steps,
                                batch=batch, n_eval=n_eval, seed=seed)

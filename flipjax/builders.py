@@ -142,7 +142,7 @@ def build_dit(config: Config, codec: LatentCodec) -> VideoDiT:
         learn_sigma=bool(m.learn_sigma), text_dim=int(m.text_dim),
         text_layers=int(m.text_layers), text_heads=int(m.text_heads),
         flow_attention=str(m.flow_attention), flow_gate=bool(m.get("flow_gate", False)),
-        remat=bool(config.remat),
+        flow_embedding=str(m.get("flow_embedding", "mlp")), remat=bool(config.remat),
         dtype=_dtype(config))
 
 

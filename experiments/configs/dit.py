@@ -53,6 +53,9 @@ def dit_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         flow_attention="shared",  # "concat": the official (costlier, same result) computation
         # "cross" + flow_gate: own-softmax flow attention behind a zero-init gate (departures)
         flow_gate=False,
+        # "positional": flow tokens carry the patches' position embedding along their path
+        # (a departure; needs flow_normalization="unit")
+        flow_embedding="mlp",
     ))
     c.image_size = (128, 128)  # frames (H, W) of the clips; clips from build_clips --grid 23
     c.remat = False  # rematerialise every DiT block in the backward pass

@@ -60,6 +60,7 @@ Dtype = Any
 # Official sizes (DynamicsModel-S/B/L) and a tiny one for tests. The remaining settings are the
 # FLIP defaults: 128x128 frames -> 16x16x4 SD-VAE latents, 4 history frames, flow horizon 16.
 FLOW_ATTENTION = ("shared", "concat", "cross")
+FLOW_EMBEDDING = ("mlp", "positional")
 VARIANTS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden=64, depth=4, num_heads=4),
     "S": dict(hidden=384, depth=8, num_heads=6),
@@ -222,19 +223,53 @@ class SentenceEncoder(nn.Module):
 
 
 class FlowEmbedder(nn.Module):
-    """Whole trajectories float[B N Lf 2] -> one token per point float[B N D] (3-layer GELU
-    MLP over the flattened (t xy) trajectory)."""
+    """Whole trajectories float[B N Lf 2] -> one token per point float[B N D].
+
+    ``"mlp"`` (official): a 3-layer GELU MLP over the flattened (t xy) trajectory. Attention
+    from a video token to such a token has no easy way to prefer tracks near its own patch.
+
+    ``"positional"`` (a departure): the MLP reads the track's displacements from its start, in
+    patch units, and the token adds the video tokens' own sin-cos position embedding averaged
+    over the track's positions (flows in unit coordinates, [-1, 1] over the image). The dot
+    product of two sin-cos embeddings peaks where the positions agree, so a patch's query can
+    pick out the tracks that pass through it from the first step.
+    """
 
     hidden: int
     dtype: Dtype = jnp.float32
+    embedding: str = "mlp"
+    grid: tuple[int, int] = (1, 1)
 
     @nn.compact
     def __call__(self, flow: Array) -> Array:
-        x = rearrange(flow, "b n t d -> b n (t d)").astype(self.dtype)
+        flow = flow.astype(jnp.float32)
+        if self.embedding == "positional":
+            hp, wp = self.grid
+            # unit coordinates -> patch-grid coordinates (patch centres at integers)
+            cells = (flow + 1.0) * 0.5 * jnp.asarray([wp, hp], jnp.float32) - 0.5
+            pos = jnp.mean(sincos_2d_at(self.hidden, cells), axis=2)
+            x = rearrange(cells - cells[:, :, :1], "b n t d -> b n (t d)")
+        else:
+            x = rearrange(flow, "b n t d -> b n (t d)")
+        x = x.astype(self.dtype)
         gelu = functools.partial(nn.gelu, approximate=False)  # torch nn.GELU() default
         x = gelu(dense(self.hidden, (None, "embed"), dtype=self.dtype, name="fc1")(x))
         x = gelu(dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc2")(x))
-        return dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc3")(x)
+        x = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc3")(x)
+        if self.embedding == "positional":
+            x = x + pos.astype(self.dtype)
+        return x
+
+
+def sincos_2d_at(dim: int, cells: Array) -> Array:
+    """float32[... dim]: :func:`sincos_2d` at continuous (col, row) positions float[... 2]."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (jnp.arange(quarter, dtype=jnp.float32) / quarter)
+
+    def axis(p: Array) -> Array:
+        angles = p[..., None] * omega
+        return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return jnp.concatenate([axis(cells[..., 0]), axis(cells[..., 1])], axis=-1)
 
 
 class FinalLayer(nn.Module):
@@ -279,6 +314,8 @@ class VideoDiT(nn.Module):
         own tokens, where ~256 flow keys take most of the mass at init).
       flow_gate: a departure: the flow attention's output passes a per-channel tanh gate
         initialised at zero, so training starts from the unconditioned video model.
+      flow_embedding: ``"mlp"`` (official) or ``"positional"`` (a departure: flow tokens carry
+        the video tokens' position embedding along their path; flows in unit coordinates).
     """
 
     hidden: int = 384
@@ -299,6 +336,7 @@ class VideoDiT(nn.Module):
     remat: bool = False
     flow_attention: str = "shared"
     flow_gate: bool = False
+    flow_embedding: str = "mlp"
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> VideoDiT:
@@ -330,7 +368,12 @@ class VideoDiT(nn.Module):
                                                 self.text_ff, dtype=self.dtype)
         self.x_embedder = PatchEmbed(self.hidden, self.patch, dtype=self.dtype)
         self.t_embedder = TimestepEmbedder(self.hidden, dtype=self.dtype)
-        self.flow_embedder = FlowEmbedder(self.hidden, dtype=self.dtype)
+        if self.flow_embedding not in FLOW_EMBEDDING:
+            raise ValueError(f"flow_embedding must be one of {FLOW_EMBEDDING}, got "
+                             f"{self.flow_embedding!r}")
+        self.flow_embedder = FlowEmbedder(self.hidden, dtype=self.dtype,
+                                          embedding=self.flow_embedding,
+                                          grid=(h // self.patch, w // self.patch))
         block = nn.remat(DiTBlock) if self.remat else DiTBlock
         self.blocks = [block(self.hidden, self.num_heads, self.mlp_ratio, dtype=self.dtype,
                              flow_attention=self.flow_attention, flow_gate=self.flow_gate)

@@ -63,3 +63,34 @@ def test_cross_attention_has_its_own_softmax_over_the_flow_tokens():
 def test_unknown_flow_attention_is_refused():
     with pytest.raises(ValueError, match="flow_attention must be one of"):
         _setup(flow_attention="nope")
+
+
+def test_sincos_at_patch_centres_is_the_grid_embedding():
+    from flipjax.models.layers import sincos_2d
+    from flipjax.models.video_dit import sincos_2d_at
+    rows, cols = np.meshgrid(np.arange(3), np.arange(5), indexing="ij")
+    cells = jnp.asarray(np.stack([cols, rows], -1).reshape(-1, 2), jnp.float32)
+    np.testing.assert_allclose(sincos_2d_at(16, cells), sincos_2d(16, 3, 5), atol=1e-5)
+
+
+def test_positional_flow_tokens_carry_the_position_of_their_path():
+    from flipjax.models.layers import sincos_2d
+    from flipjax.models.video_dit import FlowEmbedder
+    emb = FlowEmbedder(16, embedding="positional", grid=(4, 4))
+    # A still track at the centre of patch (row 1, col 2) of a 4x4 grid: unit x = (2*2 + 1)/4
+    # - 1, y = (2*1 + 1)/4 - 1; its MLP reads zero displacements.
+    still = jnp.tile(jnp.asarray([[[[0.25, -0.25]]]]), (1, 1, 3, 1))
+    params = emb.init(jax.random.key(0), still)
+    mlp_only = emb.apply(params, jnp.tile(jnp.asarray([[[[-0.75, -0.75]]]]), (1, 1, 3, 1)))
+    mlp_only = mlp_only - sincos_2d(16, 4, 4)[0]
+    np.testing.assert_allclose(emb.apply(params, still)[0, 0] - mlp_only[0, 0],
+                               sincos_2d(16, 4, 4)[1 * 4 + 2], atol=1e-5)
+    # Moving the whole track moves only the position part.
+    shifted = still + jnp.asarray([0.5, 0.0])
+    np.testing.assert_allclose(emb.apply(params, shifted)[0, 0] - mlp_only[0, 0],
+                               sincos_2d(16, 4, 4)[1 * 4 + 3], atol=1e-5)
+
+
+def test_unknown_flow_embedding_is_refused():
+    with pytest.raises(ValueError, match="flow_embedding"):
+        _setup(flow_embedding="fourier")
