@@ -92,13 +92,13 @@ def make_programs(model: FlowCVAE, loss_cfg: CVAELossConfig, tx: Any) -> tuple[A
 
 
 def train_and_score(rung: str, model: FlowCVAE, tx: Any, programs: tuple[Any, Any], *,
-                    steps: int, batch: int, n_train: int, n_eval: int, seed: int
-                    ) -> dict[str, float]:
+                    steps: int, batch: int, n_train: int, n_eval: int, seed: int,
+                    scene: dict[str, Any] | None = None) -> dict[str, float]:
     """Trains on ``n_train`` fixed scenes of ``rung``; figures on them and on held-out ones."""
     step, score = programs
     c = model.config
     train, held = common.scenes(rung, seed, n_train, n_eval, image_size=c.img_size[0],
-                                history=c.history, flow_horizon=c.flow_horizon)
+                                history=c.history, flow_horizon=c.flow_horizon, **(scene or {}))
     key = jax.random.key(seed)
     x = {k: jnp.asarray(v[:2]) for k, v in train.items()}
     params = model.init({"params": key, "latent": key}, x["flow"], x["history"], x["text"],
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     programs = make_programs(model, loss_cfg, tx)
     common.run_rungs(a, overrides, rungs, lambda rung: train_and_score(
         rung, model, tx, programs, steps=a.steps, batch=a.batch, n_train=a.train_scenes,
-        n_eval=a.eval_scenes, seed=a.seed))
+        n_eval=a.eval_scenes, seed=a.seed, scene=common.scene_options(a)))
 
 
 if __name__ == "__main__":

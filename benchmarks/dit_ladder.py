@@ -158,10 +158,11 @@ def build(overrides: dict[str, Any], train: dict[str, np.ndarray]
 
 
 def train_and_score(rung: str, overrides: dict[str, Any], *, steps: int, batch: int,
-                    lr: float, n_train: int, n_eval: int, seed: int) -> dict[str, float]:
+                    lr: float, n_train: int, n_eval: int, seed: int,
+                    scene: dict[str, Any] | None = None) -> dict[str, float]:
     """Trains on ``n_train`` fixed scenes of ``rung``; figures on them and on held-out ones."""
     train, held = common.scenes(rung, seed, n_train, n_eval, image_size=SIZE, history=HISTORY,
-                                flow_horizon=HORIZON)
+                                flow_horizon=HORIZON, **(scene or {}))
     model, codec, opts = build(overrides, train)
     tx = common.optimizer(lr, steps)
     units = str(opts["flow_normalization"])
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     a, rungs, overrides = common.parse(p, argv, PRESETS, 1, check)
     common.run_rungs(a, overrides, rungs, lambda rung: train_and_score(
         rung, overrides, steps=a.steps, batch=a.batch, lr=a.lr, n_train=a.train_scenes,
-        n_eval=a.eval_scenes, seed=a.seed))
+        n_eval=a.eval_scenes, seed=a.seed, scene=common.scene_options(a)))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
@@ -33,7 +34,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 def parser(doc: str, presets: dict[str, Any], *, rungs: str, batch: int, eval_scenes: int,
            set_help: str) -> argparse.ArgumentParser:
     """The ladder command line (``--out --quick --rungs --model --set --steps --batch --lr
-    --train_scenes --eval_scenes --seed``)."""
+    --train_scenes --eval_scenes --seed --block --step``)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="300 steps, fewer rungs")
@@ -46,7 +47,14 @@ def parser(doc: str, presets: dict[str, Any], *, rungs: str, batch: int, eval_sc
     p.add_argument("--train_scenes", type=int, default=1024)
     p.add_argument("--eval_scenes", type=int, default=eval_scenes)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block", type=int, default=10, help="block side in pixels")
+    p.add_argument("--step", type=float, default=2.0, help="pixels per step of the block")
     return p
+
+
+def scene_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The scene keywords of :func:`ladder.make_batch` chosen on the command line."""
+    return {"block": args.block, "step": args.step}
 
 
 def parse_rungs(text: str) -> list[str]:
@@ -91,6 +99,9 @@ def fit_and_score(step: Any, score: Any, params: Any, opt: Any, train: dict[str,
     loss = jnp.zeros(())
     n_train = len(next(iter(train.values())))
     for i in range(steps):
+        if i and i % max(steps // 5, 1) == 0:
+            print(f"  step {i}/{steps} loss {float(loss):.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         idx = rng.integers(0, n_train, batch)
         params, opt, loss = step(params, opt, {k: jnp.asarray(v[idx]) for k, v in train.items()},
                                  jax.random.fold_in(key, i))
@@ -112,7 +123,7 @@ def run_rungs(args: argparse.Namespace, overrides: dict[str, Any], rungs: list[s
     """
     result: dict[str, Any] = {"model": args.model, "overrides": overrides, "steps": args.steps,
                               "batch": args.batch, "lr": args.lr, "seed": args.seed,
-                              "rungs": {}}
+                              "scene": scene_options(args), "rungs": {}}
     for rung in rungs:
         result["rungs"][rung] = figures = train_and_score(rung)
         report(rung, figures)
