@@ -27,6 +27,18 @@ B`` because the exponent reaches 2/(1-gamma) = 100 for gamma = 0.98, which overf
 Language InfoNCE (LIV ``compute_clip_loss``): symmetric cross-entropy over the B x B matrix of
 cosine similarities between goal images and instructions. LIV uses the cosines as logits with
 no temperature (``temperature=1``); CLIP uses a learned 1/temperature initialised at 1/0.07.
+
+Success ranking (a departure from LIV, off by default: weight 0 is the official objective).
+LIV only contrasts an instruction with other episodes' goals, never with a wrong outcome of the
+same scene, so its value need not prefer "the red block pushed left" to "the red block pushed
+right" under "push the red block to the left". Given the ending of a faithful script and of a
+failed script from the same scene (``data_pipelines.toy.endings``), this term is a two-way
+InfoNCE of the instruction over {faithful ending, failed ending}::
+
+    L_rank = mean_b softplus((cos(phi(fail_b), l_b) - cos(phi(ok_b), l_b)) / tau)
+
+i.e. the failed ending is a hard negative of the instruction, and minimising it makes
+V(ok; l) > V(fail; l).
 """
 
 from __future__ import annotations
@@ -155,6 +167,29 @@ def language_infonce_loss(image_emb: Array, text_emb: Array, *, temperature: flo
     return 0.5 * (xent(logits) + xent(logits.T))
 
 
+def success_ranking_loss(text_emb: Array, success_emb: Array, failure_emb: Array, *,
+                         temperature: float = 0.1) -> Array:
+    """Two-way InfoNCE of each instruction over its faithful and failed ending (module docstring).
+
+    Args:
+      text_emb: float[B E] instruction embeddings.
+      success_emb: float[B E] embeddings of the faithful endings (row b fulfils instruction b).
+      failure_emb: float[B E] embeddings of failed endings of the same scenes and instructions.
+      temperature: tau; the cosines are divided by it (LIV's language cosines span [-1, 1]).
+
+    Returns:
+      float32[] loss; log 2 when the two endings score the same, towards 0 as the faithful
+      ending's cosine exceeds the failed one's by many tau.
+    """
+    dims = shapes.check(text_emb, "text_emb", "B E", dtype="float")
+    shapes.check(success_emb, "success_emb", "B E", dims, dtype="float")
+    shapes.check(failure_emb, "failure_emb", "B E", dims, dtype="float")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    gap = cosine_similarity(failure_emb, text_emb) - cosine_similarity(success_emb, text_emb)
+    return jnp.mean(jax.nn.softplus(gap / temperature))
+
+
 @dataclasses.dataclass(frozen=True)
 class LivLossWeights:
     """Weights of the LIV objective (defaults: LIV's pretraining config, ``pretrain.yaml``).
@@ -167,6 +202,9 @@ class LivLossWeights:
       gamma: discount of the value.
       temperature: InfoNCE temperature.
       num_negatives: extra shuffled VIP negatives per VIP term (LIV: 3 pretraining, 0 fine-tuning).
+      success_ranking: weight of :func:`success_ranking_loss` (not LIV: 0 = the official
+        objective; :func:`liv_loss` never adds it, the caller does with its ending pairs).
+      ranking_temperature: its tau.
     """
 
     vip_image: float = 1.0
@@ -175,6 +213,8 @@ class LivLossWeights:
     gamma: float = DEFAULT_GAMMA
     temperature: float = 1.0
     num_negatives: int = 0
+    success_ranking: float = 0.0
+    ranking_temperature: float = 0.1
 
 
 def liv_loss(init_emb: Array, state_emb: Array, next_emb: Array, goal_emb: Array,

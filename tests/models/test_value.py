@@ -329,3 +329,23 @@ def test_value_curve_monotonicity():
     np.testing.assert_allclose(rho, [1, -1, 0, tie, swap], atol=1e-6)
     with pytest.raises(ValueError, match="at least 2"):
         value_curve_monotonicity(jnp.zeros((2, 1)))
+
+
+def test_success_ranking_loss_is_a_two_way_infonce(key):
+    text, ok, fail = (np.asarray(x) for x in jax.random.normal(key, (3, 6, 16)))
+    norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    c_ok, c_fail = (np.sum(norm(x) * norm(text), -1) for x in (ok, fail))
+    # -log softmax of the faithful ending among the two, logits cos / tau.
+    ref = np.mean(np.log1p(np.exp((c_fail - c_ok) / 0.2)))
+    np.testing.assert_allclose(vl.success_ranking_loss(text, ok, fail, temperature=0.2), ref,
+                               rtol=1e-5)
+    np.testing.assert_allclose(vl.success_ranking_loss(text, ok, ok), math.log(2), rtol=1e-6)
+    # The faithful ending on the instruction, the failed one opposite: near 0 (2 / tau = 20).
+    assert float(vl.success_ranking_loss(text, text, -text)) < 1e-8
+    assert float(vl.success_ranking_loss(text, -text, text)) > 19.0
+    # Off by default: LIV's objective is unchanged unless a caller adds the term.
+    assert vl.LivLossWeights().success_ranking == 0.0
+    with pytest.raises(ValueError, match="failure_emb"):
+        vl.success_ranking_loss(text, ok, fail[:3])
+    with pytest.raises(ValueError, match="temperature"):
+        vl.success_ranking_loss(text, ok, fail, temperature=0.0)
