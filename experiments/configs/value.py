@@ -62,12 +62,21 @@ def value_config(name: str, runlocal: bool = False, *, clip_len: int
     c.model = ml_collections.ConfigDict(dict(
         name=name, image_size=v.image_size, patch=v.patch, clip_len=clip_len,
         temporal_fusion=v.temporal_fusion, text_pool=v.text_pool, gamma=v.gamma,
+        vision_width=v.vision_width, text_width=v.text_width, embed_dim=v.embed_dim,
         # Must equal the clips' text_dim: 384 = MiniLM (build_clips --text=minilm).
         language_dim=384,
     ))
     # Weights of flipjax.models.value_loss.liv_loss (gamma comes from the model).
+    # success_ranking (not LIV; 0 = the official objective): weight of the two-way InfoNCE of
+    # each instruction over its toy scene's faithful and failed ending, temperature
+    # ranking_temperature (flipjax.models.value_loss.success_ranking_loss; toy clips only).
     c.loss = ml_collections.ConfigDict(dict(
-        vip_image=1.0, vip_text=1.0, infonce=1.0, temperature=1.0, num_negatives=3))
+        vip_image=1.0, vip_text=1.0, infonce=1.0, temperature=1.0, num_negatives=3,
+        success_ranking=0.0, ranking_temperature=0.1))
+    # With success_ranking: toy "train" scenes (seed config.seed) rendered as faithful/failed
+    # ending pairs, and pairs per step (0: batch_size).
+    c.toy_ranking_scenes = 2048
+    c.ranking_batch = 0
 
     c.learning_rate = 1e-5
     c.weight_decay = 1e-3
@@ -81,6 +90,9 @@ def value_config(name: str, runlocal: bool = False, *, clip_len: int
     c.min_episode_length = 2  # shorter episodes have no consecutive pair
     c.eval_episodes = 16  # held-out episodes whose value curves are scored; 0 disables eval
     c.eval_stride = 1  # frames between the states of an evaluated value curve
+    # Toy planning problems ("plan" split of config.seed, held out) whose faithful and failed
+    # endings the eval ranks (value_prefers_success; also as many training scenes); 0 = off.
+    c.eval_preference_problems = 0
     # Toy clips built when build_toy_data_if_missing: frame side and track horizon.
     c.toy_image_size = 128
     c.toy_horizon = 16
@@ -93,6 +105,9 @@ def value_config(name: str, runlocal: bool = False, *, clip_len: int
         c.model.patch = 8
         c.model.temporal_fusion = tiny.temporal_fusion
         c.model.text_pool = tiny.text_pool
+        c.model.vision_width = tiny.vision_width
+        c.model.text_width = tiny.text_width
+        c.model.embed_dim = tiny.embed_dim
         c.model.language_dim = 32
         c.learning_rate = 1e-3
         # Tracks the weights within ~10 steps, so the 50-step eval shows what was learnt.
@@ -102,5 +117,6 @@ def value_config(name: str, runlocal: bool = False, *, clip_len: int
         c.eval_episodes = 16
         c.toy_image_size = 32
         c.toy_horizon = 4
+        c.eval_preference_problems = 100
     c.lock()
     return c

@@ -7,12 +7,20 @@ its goal, the last state; a state is the clip of ``model.clip_len`` frames endin
 (the first frame repeated before the episode starts). The instruction is the clip's text tokens.
 Clip shards carry no success flag, so every episode is assumed to reach its goal (true of
 demonstrations and of the toy world's default builds); filter failures out before building.
+Same-scene negatives come from the toy world instead (``loss.success_ranking`` > 0, toy clips
+only): ``toy_ranking_scenes`` scenes of the toy "train" split of ``config.seed`` are rendered
+once with their faithful and a deliberately failed script from the same start
+(:func:`data_pipelines.toy.endings.ending_pairs`), and every step adds ``ranking_batch`` of
+those pairs to the batch.
 With ``config.build_toy_data_if_missing`` (on under ``:runlocal``) toy clips are rendered into
 empty data dirs (``<workdir>/toy_data/{train,val}``), ``toy_image_size`` pixels square.
 
 Objective (:func:`flipjax.models.value_loss.liv_loss`): VIP with the goal clip as goal, VIP with
 the instruction as goal and the goal-clip/instruction InfoNCE, weighted by ``config.loss``;
-clips sharing an instruction are InfoNCE positives of each other (``text_id``).
+clips sharing an instruction are InfoNCE positives of each other (``text_id``). With
+``loss.success_ranking`` > 0 (a departure, off by default) it adds
+:func:`flipjax.models.value_loss.success_ranking_loss`: the instruction's two-way InfoNCE over
+its scene's faithful and failed ending.
 
 Batch conversion (inside the jitted step, so the host ships uint8): ``states`` uint8[B 4 Tc h w
 3] -> float32 in [-1, 1], centre-cropped to a square when h != w and resized (bilinear,
@@ -27,7 +35,12 @@ episodes of the evaluation clips: the value curve V(clip_t; instruction) over ev
 not decrease; ``spearman``: rank correlation of value with time), the mean value of the first
 and last states (``value_first``, ``value_last``), the same scores for the image-goal curve
 V(clip_t; last clip) (``image_*``), and a plot of the language curves (``value_curves``,
-written to ``workdir/samples``).
+written to ``workdir/samples``). With ``eval_preference_problems`` > 0 (toy runs) it also scores
+how often V(faithful ending; instruction) > V(failed ending; instruction) on that many held-out
+toy planning problems (the "plan" split of ``config.seed``, exactly the endings that
+``experiments.plan``'s ``value_prefers_success`` scores) beside chance
+(``value_prefers_success``, ``value_prefers_success_chance`` = 0.5, ``value_success_margin``)
+and on as many training scenes (``value_prefers_success_train``).
 
 Pretrained weights: flipjax has no OpenAI CLIP / LIV converter yet, so every value config
 trains from random initialisation; FLIP starts from LIV's CLIP weights.
@@ -47,11 +60,18 @@ from jax.sharding import Mesh, NamedSharding
 
 from data_pipelines.episodes import VipSampler, make_episode_loader
 from data_pipelines.loader import ClipDataset
+from data_pipelines.toy.endings import EndingPairs, ending_pairs
+from data_pipelines.toy.world import ToyConfig
 from experiments.training import clips, loop
 from flipjax import builders, viz
 from flipjax import metrics as value_metrics
 from flipjax.models.value import ValueModel, fit_frames
-from flipjax.models.value_loss import LivLossWeights, liv_loss, value_from_embeddings
+from flipjax.models.value_loss import (
+    LivLossWeights,
+    liv_loss,
+    success_ranking_loss,
+    value_from_embeddings,
+)
 from flipjax.sharding import batch_sharding, replicated
 
 PyTree = Any
@@ -68,7 +88,9 @@ def loss_weights(config: ml_collections.ConfigDict) -> LivLossWeights:
     return LivLossWeights(vip_image=float(lw.vip_image), vip_text=float(lw.vip_text),
                           infonce=float(lw.infonce), gamma=float(config.model.gamma),
                           temperature=float(lw.temperature),
-                          num_negatives=int(lw.num_negatives))
+                          num_negatives=int(lw.num_negatives),
+                          success_ranking=float(lw.success_ranking),
+                          ranking_temperature=float(lw.ranking_temperature))
 
 
 def prepare_frames(frames: jax.Array, image_size: int) -> jax.Array:
@@ -100,9 +122,12 @@ def make_loss_fn(model: ValueModel, weights: LivLossWeights) -> Any:
     """``(params, batch, rng) -> (loss, terms)`` with the LIV objective.
 
     ``batch``: states uint8[B 4 Tc h w 3] (init, s_t, s_{t+1}, goal), text_tokens float[B Lt
-    D], text_mask bool[B Lt], text_id int[B]. Besides the unweighted loss terms, the metrics
-    hold the mean language-goal values of the initial and goal states and the mean one-step
-    change V(s_{t+1}) - V(s_t), which training should make positive.
+    D], text_mask bool[B Lt], text_id int[B]; with ``weights.success_ranking`` > 0 also the
+    ending pairs (:class:`PairedLoader`): pair_success, pair_failure uint8[Bp Tc h w 3],
+    pair_tokens float[Bp Lt D], pair_mask bool[Bp Lt]. Besides the unweighted loss terms, the
+    metrics hold the mean language-goal values of the initial and goal states and the mean
+    one-step change V(s_{t+1}) - V(s_t), which training should make positive, and with pairs
+    the fraction of them ranked right (``pair_accuracy``).
     """
     def loss_fn(params: PyTree, batch: dict[str, jax.Array],
                 rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -115,6 +140,18 @@ def make_loss_fn(model: ValueModel, weights: LivLossWeights) -> Any:
         metrics = {k: t for k, t in terms.items() if k != "total"}
         metrics.update(value_init=jnp.mean(v[:, 0]), value_goal=jnp.mean(v[:, 3]),
                        value_step=jnp.mean(v[:, 2] - v[:, 1]))
+        if weights.success_ranking > 0:
+            ends = embed_states(model, params, jnp.stack(
+                [batch["pair_success"], batch["pair_failure"]], axis=1))  # [Bp 2 E]
+            pair_text = model.apply({"params": params}, batch["pair_tokens"].astype(jnp.float32),
+                                    batch["pair_mask"].astype(bool),
+                                    method=ValueModel.embed_text)
+            rank = success_ranking_loss(pair_text, ends[:, 0], ends[:, 1],
+                                        temperature=weights.ranking_temperature)
+            pv = value_from_embeddings(ends, pair_text[:, None], weights.gamma)  # [Bp 2]
+            total = total + weights.success_ranking * rank
+            metrics.update(success_ranking=rank,
+                           pair_accuracy=jnp.mean((pv[:, 0] > pv[:, 1]).astype(jnp.float32)))
         return total, metrics
 
     return loss_fn
@@ -169,11 +206,94 @@ def open_episodes(config: ml_collections.ConfigDict, directory: str | Path,
     return ds
 
 
-def _loader(config: ml_collections.ConfigDict, ds: ClipDataset, mesh: Mesh) -> Any:
-    return make_episode_loader(
+def _toy_world(config: ml_collections.ConfigDict) -> ToyConfig:
+    return ToyConfig(image_size=int(config.toy_image_size),
+                     speed=float(config.get("toy_speed", 0.015)))
+
+
+def toy_ending_pairs(config: ml_collections.ConfigDict, split: str, num: int) -> EndingPairs:
+    """Faithful and failed endings of ``num`` toy scenes of ``split`` (seed ``config.seed``),
+    ``model.clip_len`` frames each, at the toy clips' size, speed and text settings."""
+    return ending_pairs(int(num), int(config.seed), split,
+                        frames=builders.value_config(config).clip_len,
+                        text_dim=int(config.model.language_dim),
+                        text_max_tokens=int(config.toy_text_max_tokens),
+                        toy_config=_toy_world(config))
+
+
+def ranking_pairs(config: ml_collections.ConfigDict, ds: ClipDataset) -> EndingPairs | None:
+    """The training ending pairs when ``loss.success_ranking`` > 0 (else None).
+
+    Pairs whose faithful script fails or whose failed script succeeds are dropped.
+
+    Raises:
+      ValueError: when the training clips are not toy clips, or for a bad scene count.
+    """
+    if float(config.loss.success_ranking) <= 0:
+        return None
+    schema = ds.manifest.get("schema")
+    schema = schema.get("name") if isinstance(schema, dict) else schema
+    if schema != "toy":
+        raise ValueError(f"loss.success_ranking={config.loss.success_ranking} needs same-scene "
+                         f"failed endings, which only the toy world renders; the training "
+                         f"clips have schema {schema!r}")
+    num = int(config.toy_ranking_scenes)
+    if num < 1:
+        raise ValueError(f"toy_ranking_scenes must be >= 1 with success_ranking, got {num}")
+    pairs = toy_ending_pairs(config, "train", num)
+    keep = np.flatnonzero(pairs.valid)
+    logging.info("success ranking: %d of %d toy training scenes have a faithful and a failed "
+                 "ending", len(keep), num)
+    return EndingPairs(pairs.success[keep], pairs.failure[keep], pairs.text_tokens[keep],
+                       pairs.text_mask[keep], [pairs.instructions[i] for i in keep],
+                       [pairs.failures[i] for i in keep], pairs.valid[keep])
+
+
+class PairedLoader:
+    """The episode loader's batches plus ``count`` ending pairs per step (:class:`EndingPairs`).
+
+    Draw ``n`` (counted from 0) takes pairs ``default_rng([seed, n]).integers(N, size=count)``,
+    so the draws depend on the step only and the saved position (the inner loader's state and
+    the draw count) resumes exactly.
+    """
+
+    def __init__(self, inner: Any, pairs: EndingPairs, count: int, seed: int, mesh: Mesh):
+        self.inner, self.pairs, self.count, self.seed = inner, pairs, int(count), int(seed)
+        self.sharding = batch_sharding(mesh)
+        self.drawn = 0
+
+    def __iter__(self) -> PairedLoader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = dict(next(self.inner))
+        idx = np.random.default_rng([self.seed, self.drawn]).integers(len(self.pairs),
+                                                                      size=self.count)
+        self.drawn += 1
+        p = self.pairs
+        for key, x in (("pair_success", p.success), ("pair_failure", p.failure),
+                       ("pair_tokens", p.text_tokens), ("pair_mask", p.text_mask)):
+            batch[key] = _global(np.ascontiguousarray(x[idx]), self.sharding)
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"inner": self.inner.get_state(), "drawn": self.drawn}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.inner.set_state(state["inner"])
+        self.drawn = int(state["drawn"])
+
+
+def _loader(config: ml_collections.ConfigDict, ds: ClipDataset, mesh: Mesh,
+            pairs: EndingPairs | None = None) -> Any:
+    inner = make_episode_loader(
         ds, int(config.batch_size), mesh=mesh, seed=int(config.seed), shuffle=True,
         min_length=int(config.min_episode_length), worker_count=int(config.data_workers),
         num_threads=int(config.data_threads))
+    if pairs is None:
+        return inner
+    count = int(config.ranking_batch) or int(config.batch_size)
+    return PairedLoader(inner, pairs, count, int(config.seed), mesh)
 
 
 # ------------------------------------------------------------------------------------------
@@ -187,18 +307,56 @@ def _global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def make_preference_fn(model: ValueModel, mesh: Mesh, chunk: int, gamma: float) -> Any:
+    """``(params, pairs) -> {"accuracy", "margin"}``: how often V(success; text) exceeds
+    V(failure; text) row by row (as ``flipjax.planning.diagnostics.value_preference``), and
+    the mean V(success) - V(failure); rows go through the towers ``chunk`` at a time."""
+    rows = batch_sharding(mesh)
+
+    @jax.jit
+    def values(params: PyTree, ends: jax.Array, tokens: jax.Array,
+               mask: jax.Array) -> jax.Array:
+        clip = embed_states(model, params, ends)  # [n 2 E]
+        text = model.apply({"params": params}, tokens, mask, method=ValueModel.embed_text)
+        return value_from_embeddings(clip, text[:, None], gamma)  # [n 2]
+
+    def preference(params: PyTree, pairs: EndingPairs) -> dict[str, float]:
+        n = len(pairs)
+        pad = (-n) % chunk
+        take = np.concatenate([np.arange(n), np.full(pad, n - 1)]).astype(int)
+        ends = np.stack([pairs.success, pairs.failure], axis=1)[take]
+        tokens, mask = pairs.text_tokens[take], pairs.text_mask[take]
+        out = [np.asarray(jax.device_get(values(
+            params, _global(ends[i:i + chunk], rows), _global(tokens[i:i + chunk], rows),
+            _global(mask[i:i + chunk], rows)))) for i in range(0, len(take), chunk)]
+        v = np.concatenate(out)[:n]
+        return {"accuracy": float(np.mean(v[:, 0] > v[:, 1])),
+                "margin": float(np.mean(v[:, 0] - v[:, 1]))}
+
+    return preference
+
+
 def make_eval_factory(config: ml_collections.ConfigDict, model: ValueModel,
                       ds: ClipDataset) -> Any:
-    """``mesh -> eval_fn(state, step)`` over ``config.eval_episodes`` held-out episodes (module
-    docstring), or None when ``eval_episodes`` is 0."""
+    """``mesh -> eval_fn(state, step)`` over ``config.eval_episodes`` held-out episodes and
+    ``config.eval_preference_problems`` toy planning problems (module docstring), or None when
+    both are 0."""
     num = int(config.eval_episodes)
     stride = int(config.eval_stride)
+    problems = int(config.eval_preference_problems)
     if num < 0:
         raise ValueError(f"eval_episodes must be >= 0 (0 disables evaluation), got {num}")
+    if problems < 0:
+        raise ValueError(f"eval_preference_problems must be >= 0, got {problems}")
     if stride < 1:
         raise ValueError(f"eval_stride must be >= 1, got {stride}")
-    if num == 0:
+    if num == 0 and problems == 0:
         return None
+    held_out = train_pairs = None
+    if problems:
+        # Held out: the planner's problems ("plan" split); beside them as many training scenes.
+        held_out = toy_ending_pairs(config, "plan", problems)
+        train_pairs = toy_ending_pairs(config, "train", problems)
     sampler = VipSampler(ds, int(config.min_episode_length))
     episodes = list(range(min(num, len(sampler))))
     gamma = float(config.model.gamma)
@@ -216,8 +374,19 @@ def make_eval_factory(config: ml_collections.ConfigDict, model: ValueModel,
             return (jax.lax.with_sharding_constraint(clip, rep),
                     jax.lax.with_sharding_constraint(text, rep))
 
+        preference = make_preference_fn(model, mesh, chunk, gamma) if problems else None
+
         def eval_fn(state: Any, step: int) -> dict[str, Any]:
             params = state.ema if state.ema is not None else state.params
+            results: dict[str, Any] = {}
+            if preference is not None:
+                held, train = preference(params, held_out), preference(params, train_pairs)
+                results.update(value_prefers_success=held["accuracy"],
+                               value_prefers_success_chance=0.5,
+                               value_success_margin=held["margin"],
+                               value_prefers_success_train=train["accuracy"])
+            if not episodes:
+                return results
             scores: dict[str, list[float]] = {}
             lang_curves, ends_all = [], []
             for e in episodes:
@@ -245,7 +414,7 @@ def make_eval_factory(config: ml_collections.ConfigDict, model: ValueModel,
                 scores.setdefault("value_last", []).append(float(lang[-1]))
                 lang_curves.append(lang)
                 ends_all.append(ends)
-            results: dict[str, Any] = {k: float(np.mean(v)) for k, v in scores.items()}
+            results.update({k: float(np.mean(v)) for k, v in scores.items()})
             results["value_curves"] = viz.value_curve_image(
                 lang_curves, ends_all, f"value curves, step {step} "
                 f"(spearman {results['spearman']:.2f})")
@@ -280,6 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     train_dir, eval_dir = clips.data_dirs(config, workdir)
     train_ds = open_episodes(config, train_dir, "train")
     eval_ds = train_ds if eval_dir == train_dir else open_episodes(config, eval_dir, "val")
+    pairs = ranking_pairs(config, train_ds)
     logging.info("ValueModel %s (clip_len %d, %d px): %d training clips in %s, %d eval clips "
                  "in %s", config.model.name, model.config.clip_len, model.config.image_size,
                  len(train_ds), train_dir, len(eval_ds), eval_dir)
@@ -287,5 +457,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
         config, workdir,
         init_fn=make_init_fn(model, train_ds.text_tokens, train_ds.text_dim),
         loss_fn=make_loss_fn(model, loss_weights(config)),
-        make_loader=lambda mesh: _loader(config, train_ds, mesh),
+        make_loader=lambda mesh: _loader(config, train_ds, mesh, pairs),
         make_eval=make_eval_factory(config, model, eval_ds))

@@ -18,11 +18,12 @@ from experiments.training import clips, loop
 from flipjax import builders
 from flipjax.checkpoints import Checkpointer, load_params
 from flipjax.models.value import ValueConfig
-from tests.experiments.helpers import runlocal_config, value_clip, value_liv
+from tests.experiments.helpers import BATCH, runlocal_config, value_clip, value_liv
 
 
-def local_config(module, toy_dirs, total_steps, eval_episodes=0):
-    return runlocal_config(module, toy_dirs, total_steps, eval_episodes=eval_episodes)
+def local_config(module, toy_dirs, total_steps, eval_episodes=0, **fields):
+    fields.setdefault("eval_preference_problems", 0)
+    return runlocal_config(module, toy_dirs, total_steps, eval_episodes=eval_episodes, **fields)
 
 
 def check_run(workdir, config, steps, eval_step):
@@ -137,3 +138,77 @@ def test_prepare_frames_crops_and_resizes():
     with pytest.raises(ValueError, match="frames"):
         value.prepare_frames(jnp.zeros((4, 4)), 4)
 
+
+
+def ranking_config(toy_dirs, total_steps, **fields):
+    config = local_config(value_clip, toy_dirs, total_steps, toy_ranking_scenes=6, **fields)
+    config.loss.success_ranking = 1.0
+    return config
+
+
+def test_success_ranking_trains_and_reports_preference(toy_dirs, tmp_path):
+    # Exact resume of the pair draws is PairedLoader's test below; this is the wiring.
+    config = ranking_config(toy_dirs, 2, eval_preference_problems=3)
+    value.train_and_evaluate(config, str(tmp_path))
+    records = loop.read_metrics(tmp_path)
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 2
+    assert all(math.isfinite(r["success_ranking"]) and 0 <= r["pair_accuracy"] <= 1
+               for r in train)
+    # log 2 at init: an untrained model scores both endings alike.
+    assert abs(train[0]["success_ranking"] - math.log(2)) < 0.3
+    (ev,) = [r for r in records if r["split"] == "eval"]
+    assert ev["value_prefers_success_chance"] == 0.5
+    for k in ("value_prefers_success", "value_prefers_success_train"):
+        assert abs(3 * ev[k] - round(3 * ev[k])) < 1e-6  # a share of 3 problems
+    assert math.isfinite(ev["value_success_margin"])
+
+
+def test_paired_loader_draws_by_step_and_restores_its_position():
+    from data_pipelines.toy.endings import EndingPairs
+
+    class Inner:
+        def __init__(self):
+            self.n = 0
+
+        def __next__(self):
+            self.n += 1
+            return {"x": np.full(BATCH, self.n)}
+
+        def get_state(self):
+            return {"n": self.n}
+
+        def set_state(self, state):
+            self.n = state["n"]
+
+    n = 5
+    pairs = EndingPairs(np.arange(n, dtype=np.uint8)[:, None, None, None, None] * np.ones(
+        (n, 1, 2, 2, 3), np.uint8), np.zeros((n, 1, 2, 2, 3), np.uint8),
+        np.zeros((n, 3, 4), np.float32), np.ones((n, 3), bool), ["i"] * n, ["short"] * n,
+        np.ones(n, bool))
+    config = value_clip.get_config("runlocal")
+    config.batch_size = BATCH
+    mesh = loop.make_mesh(config)
+    a = value.PairedLoader(Inner(), pairs, BATCH, 0, mesh)
+    first = [next(a) for _ in range(3)]
+    assert [int(b["x"][0]) for b in first] == [1, 2, 3]
+    assert first[0]["pair_success"].shape == (BATCH, 1, 2, 2, 3)
+    state = a.get_state()
+    assert state == {"inner": {"n": 3}, "drawn": 3}
+    later = next(a)
+    b = value.PairedLoader(Inner(), pairs, BATCH, 0, mesh)
+    b.set_state(state)
+    again = next(b)
+    np.testing.assert_array_equal(later["pair_success"], again["pair_success"])
+    assert int(again["x"][0]) == 4
+    assert not np.array_equal(first[0]["pair_success"], first[1]["pair_success"])
+
+
+def test_success_ranking_needs_toy_clips(toy_dirs, tmp_path, monkeypatch):
+    config = ranking_config(toy_dirs, 1)
+    ds = value.open_episodes(config, toy_dirs[0], "train")
+    monkeypatch.setitem(ds.manifest, "schema", {"name": "bridge"})
+    with pytest.raises(ValueError, match="schema 'bridge'"):
+        value.ranking_pairs(config, ds)
+    config.loss.success_ranking = 0.0
+    assert value.ranking_pairs(config, ds) is None
