@@ -56,6 +56,9 @@ def dit_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         # "positional": flow tokens carry the patches' position embedding along their path
         # (a departure; needs flow_normalization="unit")
         flow_embedding="mlp",
+        # True: future tokens also get the current tokens carried along the tracks (a
+        # departure; needs flow_normalization="unit")
+        flow_splat=False,
     ))
     c.image_size = (128, 128)  # frames (H, W) of the clips; clips from build_clips --grid 23
     c.remat = False  # rematerialise every DiT block in the backward pass

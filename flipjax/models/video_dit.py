@@ -41,6 +41,7 @@ import numpy as np
 from einops import rearrange
 
 from flipjax.models import variants
+from flipjax.models.flow_tokens import FlowEmbedder, splat_along_tracks, unit_to_cells
 from flipjax.models.layers import (
     Mlp,
     MultiHeadAttention,
@@ -78,11 +79,14 @@ class Conditions:
       flow_kv: one (k, v) pair per block, each float[B N H K]: the flow tokens' keys and values
         in that block's flow attention.
       flow_tokens: float[B N D] the embedded trajectories (used by ``flow_attention="concat"``).
+      flow_cells: float[B N Lf 2] the tracks in patch-grid coordinates (col, row), for
+        ``flow_splat``; None otherwise.
     """
 
     language: Array
     flow_kv: tuple[tuple[Array, Array], ...]
     flow_tokens: Array | None = None
+    flow_cells: Array | None = None
 
 
 def _modulate(x: Array, shift: Array, scale: Array) -> Array:
@@ -222,56 +226,6 @@ class SentenceEncoder(nn.Module):
                      name="output_head")(x[:, 0])
 
 
-class FlowEmbedder(nn.Module):
-    """Whole trajectories float[B N Lf 2] -> one token per point float[B N D].
-
-    ``"mlp"`` (official): a 3-layer GELU MLP over the flattened (t xy) trajectory. Attention
-    from a video token to such a token has no easy way to prefer tracks near its own patch.
-
-    ``"positional"`` (a departure): the MLP reads the track's displacements from its start, in
-    patch units, and the token adds the video tokens' own sin-cos position embedding averaged
-    over the track's positions (flows in unit coordinates, [-1, 1] over the image). The dot
-    product of two sin-cos embeddings peaks where the positions agree, so a patch's query can
-    pick out the tracks that pass through it from the first step.
-    """
-
-    hidden: int
-    dtype: Dtype = jnp.float32
-    embedding: str = "mlp"
-    grid: tuple[int, int] = (1, 1)
-
-    @nn.compact
-    def __call__(self, flow: Array) -> Array:
-        flow = flow.astype(jnp.float32)
-        if self.embedding == "positional":
-            hp, wp = self.grid
-            # unit coordinates -> patch-grid coordinates (patch centres at integers)
-            cells = (flow + 1.0) * 0.5 * jnp.asarray([wp, hp], jnp.float32) - 0.5
-            pos = jnp.mean(sincos_2d_at(self.hidden, cells), axis=2)
-            x = rearrange(cells - cells[:, :, :1], "b n t d -> b n (t d)")
-        else:
-            x = rearrange(flow, "b n t d -> b n (t d)")
-        x = x.astype(self.dtype)
-        gelu = functools.partial(nn.gelu, approximate=False)  # torch nn.GELU() default
-        x = gelu(dense(self.hidden, (None, "embed"), dtype=self.dtype, name="fc1")(x))
-        x = gelu(dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc2")(x))
-        x = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc3")(x)
-        if self.embedding == "positional":
-            x = x + pos.astype(self.dtype)
-        return x
-
-
-def sincos_2d_at(dim: int, cells: Array) -> Array:
-    """float32[... dim]: :func:`sincos_2d` at continuous (col, row) positions float[... 2]."""
-    quarter = dim // 4
-    omega = 1.0 / 10000 ** (jnp.arange(quarter, dtype=jnp.float32) / quarter)
-
-    def axis(p: Array) -> Array:
-        angles = p[..., None] * omega
-        return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-    return jnp.concatenate([axis(cells[..., 0]), axis(cells[..., 1])], axis=-1)
-
-
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) then Linear to p*p*out channels, zero-initialised."""
 
@@ -316,6 +270,9 @@ class VideoDiT(nn.Module):
         initialised at zero, so training starts from the unconditioned video model.
       flow_embedding: ``"mlp"`` (official) or ``"positional"`` (a departure: flow tokens carry
         the video tokens' position embedding along their path; flows in unit coordinates).
+      flow_splat: a departure (flows in unit coordinates): every future frame's tokens also
+        receive the current frame's tokens carried along the tracks to where the tracks are
+        at that frame (:func:`splat_along_tracks`), through a zero-initialised projection.
     """
 
     hidden: int = 384
@@ -337,6 +294,7 @@ class VideoDiT(nn.Module):
     flow_attention: str = "shared"
     flow_gate: bool = False
     flow_embedding: str = "mlp"
+    flow_splat: bool = False
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> VideoDiT:
@@ -380,6 +338,9 @@ class VideoDiT(nn.Module):
                        for _ in range(self.depth)]
         self.final_layer = FinalLayer(self.hidden, self.patch, self.out_channels,
                                       dtype=self.dtype)
+        if self.flow_splat:
+            self.splat_proj = dense(self.hidden, (None, "embed"), dtype=self.dtype,
+                                    kernel_init=nn.initializers.zeros, name="flow_splat")
 
     # -------------------------------------------------------------------------------------
 
@@ -407,7 +368,12 @@ class VideoDiT(nn.Module):
         language = self.language_encoder(text_tokens.astype(self.dtype), text_mask)
         tokens = self.flow_embedder(flow)
         flow_kv = tuple(blk.flow_keys_values(tokens) for blk in self.blocks)
-        return Conditions(language=language, flow_kv=flow_kv, flow_tokens=tokens)
+        cells = None
+        if self.flow_splat:
+            hp, wp = (n // self.patch for n in self.latent_size)
+            cells = unit_to_cells(flow.astype(jnp.float32), (hp, wp))
+        return Conditions(language=language, flow_kv=flow_kv, flow_tokens=tokens,
+                          flow_cells=cells)
 
     def denoise(self, x: Array, t: Array, cond: Conditions,
                 history: Array | None = None) -> Array:
@@ -448,6 +414,8 @@ class VideoDiT(nn.Module):
         tokens = tokens.reshape(b, nt, hp * wp, self.hidden) + jnp.asarray(
             pos + temp, self.dtype)
 
+        if self.flow_splat:
+            tokens = tokens + self._splat(tokens, cond.flow_cells, (hp, wp))
         c_vec = self.t_embedder(t) + cond.language
         for i in range(0, self.depth, 2):
             tokens = self.blocks[i](tokens, c_vec, cond.flow_kv[i], cond.flow_tokens)  # B T P D
@@ -459,6 +427,17 @@ class VideoDiT(nn.Module):
         y = rearrange(y, "b t (h w) (p q c) -> b t (h p) (w q) c", h=hp, p=self.patch,
                       q=self.patch)
         return y[:, n_hist:].astype(jnp.float32)
+
+    def _splat(self, tokens: Array, cells: Array, grid: tuple[int, int]) -> Array:
+        """float[B T P D] additions: zero on the history, the projected splat on the futures."""
+        if cells is None:
+            raise ValueError("flow_splat needs Conditions.flow_cells (encode_conditions)")
+        b, _, _, d = tokens.shape
+        current = tokens[:, self.history - 1]
+        moved, count = splat_along_tracks(current, cells, grid)    # B Lf-1 P D, B Lf-1 P 1
+        add = self.splat_proj(jnp.concatenate([moved, count], axis=-1).astype(self.dtype))
+        return jnp.concatenate([jnp.zeros((b, self.history, add.shape[2], d), add.dtype), add],
+                               axis=1)
 
     def __call__(self, x: Array, t: Array, flow: Array, text_tokens: Array,
                  text_mask: Array) -> Array:

@@ -66,16 +66,16 @@ def test_unknown_flow_attention_is_refused():
 
 
 def test_sincos_at_patch_centres_is_the_grid_embedding():
+    from flipjax.models.flow_tokens import sincos_2d_at
     from flipjax.models.layers import sincos_2d
-    from flipjax.models.video_dit import sincos_2d_at
     rows, cols = np.meshgrid(np.arange(3), np.arange(5), indexing="ij")
     cells = jnp.asarray(np.stack([cols, rows], -1).reshape(-1, 2), jnp.float32)
     np.testing.assert_allclose(sincos_2d_at(16, cells), sincos_2d(16, 3, 5), atol=1e-5)
 
 
 def test_positional_flow_tokens_carry_the_position_of_their_path():
+    from flipjax.models.flow_tokens import FlowEmbedder
     from flipjax.models.layers import sincos_2d
-    from flipjax.models.video_dit import FlowEmbedder
     emb = FlowEmbedder(16, embedding="positional", grid=(4, 4))
     # A still track at the centre of patch (row 1, col 2) of a 4x4 grid: unit x = (2*2 + 1)/4
     # - 1, y = (2*1 + 1)/4 - 1; its MLP reads zero displacements.
@@ -94,3 +94,34 @@ def test_positional_flow_tokens_carry_the_position_of_their_path():
 def test_unknown_flow_embedding_is_refused():
     with pytest.raises(ValueError, match="flow_embedding"):
         _setup(flow_embedding="fourier")
+
+
+def test_splat_carries_a_token_to_where_its_track_ends():
+    from flipjax.models.flow_tokens import splat_along_tracks
+    current = jnp.arange(9 * 2, dtype=jnp.float32).reshape(1, 9, 2)   # 3x3 grid, D = 2
+    # Track 0 goes from patch (row 0, col 0) to (row 1, col 2); track 1 stays at (2, 2) but
+    # ends half-way between (2, 1) and (2, 2).
+    cells = jnp.asarray([[[[0, 0], [2, 1]], [[2, 2], [1.5, 2]]]], jnp.float32)
+    moved, weight = splat_along_tracks(current, cells, (3, 3))
+    assert moved.shape == (1, 1, 9, 2) and weight.shape == (1, 1, 9, 1)
+    np.testing.assert_allclose(moved[0, 0, 5], current[0, 0])
+    np.testing.assert_allclose(weight[0, 0, :, 0], [0, 0, 0, 0, 0, 1, 0, 0.5, 0.5])
+    np.testing.assert_allclose(moved[0, 0, 7], current[0, 8])
+    np.testing.assert_allclose(moved[0, 0, 0], 0.0)   # nothing lands there
+
+
+def test_flow_splat_starts_silent_and_reads_the_flow_once_trained():
+    params, flow, run = _setup(flow_splat=True, flow_gate=True)
+    unit = flow / 8.0 - 1.0
+    moved = unit.at[:, :, 1:].add(0.4)
+    # Zero-initialised projection (and closed gates): the flow is invisible at init ...
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.zeros_like(v) if "flow_splat" in jax.tree_util.keystr(p) else v,
+        params)
+    np.testing.assert_allclose(run(params, unit), run(params, moved), atol=1e-6)
+    # ... and visible through the splat alone once its projection is non-zero (random: a
+    # constant added to every channel would vanish in the next LayerNorm).
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: jax.random.normal(jax.random.key(2), v.shape)
+        if "flow_splat" in jax.tree_util.keystr(p) else v, params)
+    assert float(jnp.abs(run(params, unit) - run(params, moved)).max()) > 1e-3

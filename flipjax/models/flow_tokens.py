@@ -1,0 +1,107 @@
+"""The DiT's view of point tracks: flow tokens for its flow attention and the forward splat of
+the current frame's tokens along the tracks (:class:`flipjax.models.video_dit.VideoDiT`).
+
+Shapes (einops): B batch, N tracks, Lf points per track, P = hp wp patches, D width.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from flipjax.models.layers import dense
+
+Array = jax.Array
+Dtype = Any
+
+
+class FlowEmbedder(nn.Module):
+    """Whole trajectories float[B N Lf 2] -> one token per point float[B N D].
+
+    ``"mlp"`` (official): a 3-layer GELU MLP over the flattened (t xy) trajectory. Attention
+    from a video token to such a token has no easy way to prefer tracks near its own patch.
+
+    ``"positional"`` (a departure): the MLP reads the track's displacements from its start, in
+    patch units, and the token adds the video tokens' own sin-cos position embedding averaged
+    over the track's positions (flows in unit coordinates, [-1, 1] over the image). The dot
+    product of two sin-cos embeddings peaks where the positions agree, so a patch's query can
+    pick out the tracks that pass through it from the first step.
+    """
+
+    hidden: int
+    dtype: Dtype = jnp.float32
+    embedding: str = "mlp"
+    grid: tuple[int, int] = (1, 1)
+
+    @nn.compact
+    def __call__(self, flow: Array) -> Array:
+        flow = flow.astype(jnp.float32)
+        if self.embedding == "positional":
+            cells = unit_to_cells(flow, self.grid)
+            pos = jnp.mean(sincos_2d_at(self.hidden, cells), axis=2)
+            x = rearrange(cells - cells[:, :, :1], "b n t d -> b n (t d)")
+        else:
+            x = rearrange(flow, "b n t d -> b n (t d)")
+        x = x.astype(self.dtype)
+        gelu = functools.partial(nn.gelu, approximate=False)  # torch nn.GELU() default
+        x = gelu(dense(self.hidden, (None, "embed"), dtype=self.dtype, name="fc1")(x))
+        x = gelu(dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc2")(x))
+        x = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="fc3")(x)
+        if self.embedding == "positional":
+            x = x + pos.astype(self.dtype)
+        return x
+
+
+def unit_to_cells(flow: Array, grid: tuple[int, int]) -> Array:
+    """Unit coordinates float[... 2] ([-1, 1] over the image) -> patch-grid (col, row), patch
+    centres at integers."""
+    hp, wp = grid
+    return (flow + 1.0) * 0.5 * jnp.asarray([wp, hp], jnp.float32) - 0.5
+
+
+def _hat_weights(cells: Array, grid: tuple[int, int]) -> Array:
+    """float[B N P] bilinear weights of positions float[B N 2] on the row-major patch grid."""
+    hp, wp = grid
+    wc = jax.nn.relu(1.0 - jnp.abs(cells[..., 0:1] - jnp.arange(wp, dtype=jnp.float32)))
+    wr = jax.nn.relu(1.0 - jnp.abs(cells[..., 1:2] - jnp.arange(hp, dtype=jnp.float32)))
+    return (wr[..., :, None] * wc[..., None, :]).reshape(*cells.shape[:-1], hp * wp)
+
+
+def splat_along_tracks(current: Array, cells: Array, grid: tuple[int, int]
+                       ) -> tuple[Array, Array]:
+    """Carries the current frame's tokens along the tracks (a forward warp of token features).
+
+    Each track reads the current tokens bilinearly at its start and deposits them bilinearly
+    where it is at every later step; a patch's value is the weighted mean of what reaches it.
+
+    Args:
+      current: float[B P D] the current frame's tokens, P = hp * wp row-major.
+      cells: float[B N Lf 2] tracks in patch-grid coordinates (col, row).
+      grid: (hp, wp).
+
+    Returns:
+      (moved float[B Lf-1 P D], weight float[B Lf-1 P 1]): per later step, the mean deposited
+      tokens and the total bilinear weight that reached each patch (0 where no track lands).
+    """
+    start = jnp.einsum("bnp,bpd->bnd", _hat_weights(cells[:, :, 0], grid),
+                       current.astype(jnp.float32))
+    later = _hat_weights(jnp.moveaxis(cells[:, :, 1:], 2, 1), grid)   # B Lf-1 N P
+    weight = jnp.sum(later, axis=2)[..., None]
+    moved = jnp.einsum("bknp,bnd->bkpd", later, start) / jnp.maximum(weight, 1e-6)
+    return moved, weight
+
+
+def sincos_2d_at(dim: int, cells: Array) -> Array:
+    """float32[... dim]: :func:`sincos_2d` at continuous (col, row) positions float[... 2]."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (jnp.arange(quarter, dtype=jnp.float32) / quarter)
+
+    def axis(p: Array) -> Array:
+        angles = p[..., None] * omega
+        return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return jnp.concatenate([axis(cells[..., 0]), axis(cells[..., 1])], axis=-1)
