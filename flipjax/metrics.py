@@ -190,6 +190,33 @@ def psnr(pred: Array, target: Array, max_value: float | None = None) -> Array:
     return 10.0 * jnp.log10(peak**2 / mse)
 
 
+def changed_psnr(pred: Array, target: Array, reference: Array,
+                 max_value: float | None = None) -> Array:
+    """PSNR (dB) over the pixels where ``target`` differs from ``reference``, pooled.
+
+    The pixels that move are where a video model's prediction matters: a model that copies
+    the current frame scores well on the static rest. The MSE pools every changed pixel's
+    channels over all images, so clips with little motion weigh little.
+
+    Args:
+      pred: [... H W C] images, uint8 or float in [-1, 1].
+      target: same shape, the true images.
+      reference: same shape or broadcastable (e.g. the current frame repeated): a pixel
+        counts where any channel of ``target`` differs from it.
+      max_value: as in :func:`psnr`.
+
+    Returns:
+      float32[] one PSNR (+inf where no pixel changes or the changed pixels are exact).
+    """
+    p, t, peak = _image_pair(pred, target, max_value)
+    target = jnp.asarray(target)
+    changed = jnp.any(target != jnp.broadcast_to(jnp.asarray(reference), target.shape),
+                      axis=-1, keepdims=True)
+    sq = jnp.where(changed, jnp.square(p - t), 0.0)
+    n = jnp.sum(changed) * p.shape[-1]
+    return 10.0 * jnp.log10(peak**2 * n / jnp.sum(sq))
+
+
 def _gaussian_filter_matrix(size: int, window: int, sigma: float) -> Array:
     """float32[size-window+1 size]: row i holds the normalised Gaussian at i..i+window-1,
     so a matrix product is a 'valid' 1-D Gaussian filter."""

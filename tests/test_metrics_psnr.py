@@ -75,3 +75,21 @@ def test_ssim_matches_tensorflow():
     b = np.clip(a.astype(np.int32) + rng.integers(-40, 40, a.shape), 0, 255).astype(np.uint8)
     want = tf.image.ssim(tf.constant(a), tf.constant(b), max_val=255).numpy()
     np.testing.assert_allclose(np.asarray(metrics.ssim(a, b)), want, rtol=1e-4, atol=1e-5)
+
+
+def test_changed_psnr_pools_only_the_pixels_that_differ_from_the_reference():
+    from flipjax.metrics import changed_psnr
+    ref = np.zeros((2, 4, 4, 3), np.uint8)
+    target = ref.copy()
+    target[0, 1, 1] = 100          # one changed pixel in image 0
+    target[1, 2, 3, 0] = 50        # one changed pixel (one channel) in image 1
+    pred = target.copy()
+    pred[0, 1, 1] = 90             # error 10 on 3 channels of the first changed pixel
+    pred[1, 0, 0] = 200            # an error on an unchanged pixel does not count
+    mse = (3 * 10**2 + 0) / (2 * 3)
+    np.testing.assert_allclose(changed_psnr(pred, target, ref), 10 * np.log10(255**2 / mse),
+                               rtol=1e-6)
+    # Predicting the reference itself: the changes' own energy.
+    mse_ref = (3 * 100**2 + 50**2) / 6
+    np.testing.assert_allclose(changed_psnr(ref, target, ref[:1]), 10 * np.log10(255**2 / mse_ref),
+                               rtol=1e-6)

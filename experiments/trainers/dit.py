@@ -31,9 +31,11 @@ latents), ``psnr`` of the decoded samples against the true uint8 future frames, 
 (the same for the decoded true latents: the codec's ceiling), two references:
 ``copy_psnr`` (the current frame repeated: a model must beat it to have learned any motion) and
 ``still_flow_psnr`` (sampled with the same noise but every track held still: equal to ``psnr``
-when the model ignores its flow condition), and the diffusion ``loss``/``mse``/``vb`` on the
-eval clips. PSNR is per frame, capped at :data:`PSNR_CAP` dB
-(identical frames) and averaged. One sample video uint8[T H 2W 3] (ground truth | decoded
+when the model ignores its flow condition), the same three over only the pixels that change
+(``moving_psnr``, ``moving_still_flow_psnr``, ``moving_copy_psnr``: a model that follows its flow
+scores higher with the true one), and the diffusion ``loss``/``mse``/``vb`` on the eval clips.
+PSNR is per frame, capped at :data:`PSNR_CAP` dB (identical frames) and averaged; the moving
+figures pool the changed pixels of a batch. One sample video uint8[T H 2W 3] (ground truth | decoded
 prediction, history and future) is written to ``workdir/samples/video_<step>.gif``.
 """
 
@@ -286,6 +288,7 @@ def make_eval_step(model: VideoDiT, schedule: diffusion.Schedule,
         still_pred = sample(model.apply({"params": params}, still, text, mask,
                                         method=VideoDiT.encode_conditions))
         pred_frames = to_uint8(codec.decode_video(pred))
+        still_frames = to_uint8(codec.decode_video(still_pred))
         copy_frames = jnp.broadcast_to(batch["history"][:, -1:], batch["future"].shape)
         recon_frames = to_uint8(codec.decode_video(future))
         truth = jnp.concatenate([batch["history"][0], batch["future"][0]], axis=0)
@@ -296,9 +299,13 @@ def make_eval_step(model: VideoDiT, schedule: diffusion.Schedule,
                 "latent_l2": jnp.mean(jnp.square(pred - future)),
                 "psnr": frame_psnr(pred_frames, batch["future"]),
                 "codec_psnr": frame_psnr(recon_frames, batch["future"]),
-                "still_flow_psnr": frame_psnr(to_uint8(codec.decode_video(still_pred)),
-                                              batch["future"]),
+                "still_flow_psnr": frame_psnr(still_frames, batch["future"]),
                 "copy_psnr": frame_psnr(copy_frames, batch["future"]),
+                # Over the pixels that change: where following the flow shows.
+                **{f"moving_{k}": jnp.minimum(metrics.changed_psnr(
+                    v, batch["future"], copy_frames), PSNR_CAP)
+                   for k, v in (("psnr", pred_frames), ("still_flow_psnr", still_frames),
+                                ("copy_psnr", copy_frames))},
                 "video": jnp.concatenate([truth, shown], axis=2)}
 
     return jax.jit(eval_step, out_shardings=replicated(mesh))

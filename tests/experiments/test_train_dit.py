@@ -74,6 +74,14 @@ def test_two_steps_checkpoint_eval_and_sample(toy_dirs, tmp_path):
     np.testing.assert_allclose(ev["copy_psnr"], expected.mean(), rtol=1e-4)
     # Two steps from a zero output layer: the model is far below copying the current frame.
     assert 0 < ev["still_flow_psnr"] < ev["copy_psnr"] and ev["psnr"] < ev["copy_psnr"]
+    # Over the changed pixels only: the same copy clips, pooled.
+    changed = np.any(future != copy, axis=-1)
+    moving_mse = np.sum(np.where(changed[..., None], (future - copy) ** 2, 0)) / (
+        3 * changed.sum())
+    np.testing.assert_allclose(ev["moving_copy_psnr"],
+                               10 * np.log10(255.0**2 / moving_mse), rtol=1e-4)
+    assert ev["moving_copy_psnr"] < ev["copy_psnr"]
+    assert 0 < ev["moving_psnr"] < dit.PSNR_CAP and 0 < ev["moving_still_flow_psnr"]
     video = read_gif(workdir / loop.SAMPLES_DIR / "video_00000002.gif")
     # Ground truth | prediction side by side; identical consecutive frames may be merged.
     assert video.shape[1:] == (32, 64, 3) and 1 <= video.shape[0] <= 5
