@@ -32,6 +32,14 @@ learned summary token at the front and attends bidirectionally over the valid to
 default: there is no EOT token to point at); ``"last"`` is CLIP's recipe, a causal mask and the
 features of the last valid token. Padded tokens are masked out of attention and pooling either
 way, so they never change the embedding.
+
+Departure (``ValueConfig.text_conditioning``, off by default): the official value is the cosine
+of two separate towers' embeddings, so the image embedding must carry everything any
+instruction could ask about. With ``"token"`` the instruction's pooled text features (before
+``text_proj``) enter the image tower as one extra token after the class token (a Linear Dt ->
+Dv), so the image tower can look for what the instruction names; the value is still the cosine
+of the (now instruction-dependent) clip embedding and the text embedding, and :meth:`ValueModel.
+__call__` (the planner's entry) passes the instruction through. ``"none"`` is the official model.
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ LN_EPS = 1e-5
 
 FUSIONS = ("mean", "attention")
 TEXT_POOLS = ("cls", "last")
+CONDITIONINGS = ("none", "token")
 
 
 def quick_gelu(x: Array) -> Array:
@@ -123,6 +132,9 @@ class ValueConfig:
       temporal_layers: transformer layers of the attention fusion.
       mlp_ratio: MLP hidden width / model width.
       gamma: discount of the value V = cos / (1 - gamma).
+      text_conditioning: ``"none"`` (official: separate towers) or ``"token"`` (a departure:
+        the instruction's text features are an extra token of the image tower; module
+        docstring).
       dtype: compute dtype (parameters stay float32).
     """
 
@@ -143,6 +155,7 @@ class ValueConfig:
     temporal_layers: int = 1
     mlp_ratio: int = 4
     gamma: float = DEFAULT_GAMMA
+    text_conditioning: str = "none"
     dtype: Dtype = jnp.float32
 
     def __post_init__(self) -> None:
@@ -154,6 +167,9 @@ class ValueConfig:
                              f"{self.temporal_fusion!r}")
         if self.text_pool not in TEXT_POOLS:
             raise ValueError(f"text_pool must be one of {TEXT_POOLS}, got {self.text_pool!r}")
+        if self.text_conditioning not in CONDITIONINGS:
+            raise ValueError(f"text_conditioning must be one of {CONDITIONINGS}, got "
+                             f"{self.text_conditioning!r}")
         if not 1 <= self.clip_len <= self.max_clip_len:
             raise ValueError(f"clip_len must be in [1, max_clip_len={self.max_clip_len}], got "
                              f"{self.clip_len}")
@@ -199,8 +215,9 @@ class VisionTower(nn.Module):
     config: ValueConfig
 
     @nn.compact
-    def __call__(self, images: Array) -> Array:
-        """images float[N H W 3] in [-1, 1] -> class-token features float[N Dv]."""
+    def __call__(self, images: Array, condition: Array | None = None) -> Array:
+        """images float[N H W 3] in [-1, 1] (condition float[N Dt] with ``text_conditioning=
+        "token"``) -> class-token features float[N Dv]."""
         cfg = self.config
         d = cfg.vision_width
         x = PatchEmbed(d, cfg.patch, dtype=cfg.dtype, name="patch_embed")(
@@ -211,6 +228,10 @@ class VisionTower(nn.Module):
                                (None, "embed"))
         cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, d))
         x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
+        if cfg.text_conditioning == "token":
+            tok = dense(d, (None, "embed"), dtype=cfg.dtype, name="text_token")(
+                condition.astype(cfg.dtype))
+            x = jnp.concatenate([x[:, :1], tok[:, None], x[:, 1:]], axis=1)
         x = layer_norm(LN_EPS, dtype=cfg.dtype, name="ln_pre")(x)
         for i in range(cfg.vision_layers):
             x = PreLNBlock(cfg.vision_heads, cfg.mlp_ratio, dtype=cfg.dtype, name=f"block{i}")(x)
@@ -301,11 +322,13 @@ class ValueModel(nn.Module):
         self.text_proj = dense(cfg.embed_dim, ("embed", None), use_bias=False, dtype=cfg.dtype,
                                kernel_init=nn.initializers.normal(cfg.text_width ** -0.5))
 
-    def embed_clip(self, frames: Array) -> Array:
+    def embed_clip(self, frames: Array, condition: Array | None = None) -> Array:
         """Embeds clip states.
 
         Args:
           frames: float[B Tc H W 3] in [-1, 1]; Tc <= max_clip_len, H = W = image_size.
+          condition: float[B Dt], the instruction's :meth:`text_features`; required with
+            ``text_conditioning="token"``, refused otherwise.
 
         Returns:
           float[B E] (not normalised; the value only uses directions).
@@ -316,34 +339,51 @@ class ValueModel(nn.Module):
         b, tc = dims["B"], dims["Tc"]
         if not 1 <= tc <= cfg.max_clip_len:
             raise ValueError(f"frames: clip length must be in [1, {cfg.max_clip_len}], got {tc}")
-        feats = self.vision(frames.reshape(b * tc, *frames.shape[2:])).reshape(b, tc, -1)
+        if (condition is None) != (cfg.text_conditioning == "none"):
+            raise ValueError(f"text_conditioning={cfg.text_conditioning!r}: condition must be "
+                             f"{'None' if cfg.text_conditioning == 'none' else 'given'}")
+        if condition is not None:
+            shapes.check(condition, "condition", f"B {cfg.text_width}", dims, dtype="float")
+            condition = jnp.repeat(condition, tc, axis=0)  # [B*Tc Dt], frame-major per clip
+        feats = self.vision(frames.reshape(b * tc, *frames.shape[2:]), condition).reshape(
+            b, tc, -1)
         fused = self.fusion(feats)
         # A single frame has nothing to fuse: this is exactly LIV's single-frame embedding.
         # (The fusion still runs so that its parameters exist whatever the init clip length.)
         pooled = feats[:, 0] if tc == 1 else fused
         return self.image_proj(pooled)
 
-    def embed_frame(self, images: Array) -> Array:
+    def embed_frame(self, images: Array, condition: Array | None = None) -> Array:
         """LIV's single-frame embedding: images float[B H W 3] in [-1, 1] -> float[B E]."""
         shapes.check(images, "images", "B H W 3", dtype="float")
-        return self.embed_clip(images[:, None])
+        return self.embed_clip(images[:, None], condition)
 
-    def embed_text(self, text_tokens: Array, text_mask: Array) -> Array:
-        """Embeds instructions.
+    def text_features(self, text_tokens: Array, text_mask: Array) -> Array:
+        """The text tower's pooled features, before ``text_proj``.
 
         Args:
           text_tokens: float[B Lt D_in] token states from the data pipeline, Lt <= max_text_len.
           text_mask: bool[B Lt], True for real tokens; padded tokens do not affect the result.
 
         Returns:
-          float[B E].
+          float[B Dt].
         """
         dims = shapes.check(text_tokens, "text_tokens", "B Lt Din", dtype="float")
         shapes.check(text_mask, "text_mask", "B Lt", dims, dtype="bool")
         if dims["Lt"] > self.config.max_text_len:
             raise ValueError(f"text_tokens: {dims['Lt']} tokens exceed max_text_len="
                              f"{self.config.max_text_len}")
-        return self.text_proj(self.text(text_tokens, text_mask))
+        return self.text(text_tokens, text_mask)
+
+    def project_text(self, features: Array) -> Array:
+        """Text features float[B Dt] (:meth:`text_features`) -> text embeddings float[B E]."""
+        shapes.check(features, "features", f"B {self.config.text_width}", dtype="float")
+        return self.text_proj(features)
+
+    def embed_text(self, text_tokens: Array, text_mask: Array) -> Array:
+        """Embeds instructions: float[B Lt D_in], bool[B Lt] -> float[B E]
+        (:meth:`text_features` then ``text_proj``)."""
+        return self.text_proj(self.text_features(text_tokens, text_mask))
 
     def value(self, clip_emb: Array, goal_emb: Array) -> Array:
         """V(s; g) = cos(clip_emb, goal_emb) / (1 - gamma): float[B E] x float[B E] -> float[B]."""
@@ -361,7 +401,9 @@ class ValueModel(nn.Module):
         Returns:
           float[B] values in [-1/(1-gamma), 1/(1-gamma)].
         """
-        return self.value(self.embed_clip(frames), self.embed_text(text_tokens, text_mask))
+        feats = self.text_features(text_tokens, text_mask)
+        condition = None if self.config.text_conditioning == "none" else feats
+        return self.value(self.embed_clip(frames, condition), self.text_proj(feats))
 
 
 def fit_frames(frames: Array, image_size: int) -> Array:

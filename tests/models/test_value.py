@@ -349,3 +349,33 @@ def test_success_ranking_loss_is_a_two_way_infonce(key):
         vl.success_ranking_loss(text, ok, fail[:3])
     with pytest.raises(ValueError, match="temperature"):
         vl.success_ranking_loss(text, ok, fail, temperature=0.0)
+
+
+def test_text_token_conditioning_is_a_flag_that_lets_the_instruction_reach_the_image_tower():
+    cfg = ValueConfig.variant("tiny", text_conditioning="token")
+    model, rng = ValueModel(cfg), np.random.default_rng(0)
+    frames = jnp.asarray(rng.uniform(-1, 1, (2, cfg.clip_len, SIZE, SIZE, 3)), jnp.float32)
+    tokens = jnp.asarray(TEXT_STATES[:2])
+    mask = jnp.arange(TEXT_LEN)[None] < jnp.asarray(TEXT_VALID[:2])[:, None]
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), frames, tokens, mask))["params"]
+    assert "text_token" in params["vision"]
+    feats = model.apply({"params": params}, tokens, mask, method=ValueModel.text_features)
+    clip = model.apply({"params": params}, frames, feats, method=ValueModel.embed_clip)
+    swapped = model.apply({"params": params}, frames, feats[::-1], method=ValueModel.embed_clip)
+    both = model.apply({"params": params}, frames[::-1], feats[::-1],
+                       method=ValueModel.embed_clip)
+    # Row by row (the rows do not mix), and the same frames embed differently under another
+    # instruction.
+    assert float(jnp.max(jnp.abs(clip - both[::-1]))) < 1e-5 < float(
+        jnp.max(jnp.abs(clip - swapped)))
+    # __call__ (the planner's entry) conditions on the instruction it scores.
+    text = model.apply({"params": params}, feats, method=ValueModel.project_text)
+    np.testing.assert_allclose(model.apply({"params": params}, frames, tokens, mask),
+                               vl.value_from_embeddings(clip, text, cfg.gamma), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="condition must be given"):
+        model.apply({"params": params}, frames, method=ValueModel.embed_clip)
+    with pytest.raises(ValueError, match="condition must be None"):
+        MODEL.apply({"params": params}, frames, feats, method=ValueModel.embed_clip)
+    with pytest.raises(ValueError, match="text_conditioning"):
+        ValueConfig.variant("tiny", text_conditioning="film")
