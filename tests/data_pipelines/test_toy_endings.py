@@ -43,3 +43,42 @@ def test_train_pairs_are_the_training_scenes_and_ignore_failure_fraction():
                               for i in range(2)]
     with pytest.raises(ValueError, match="frames"):
         ending_pairs(2, 5, "train", toy_config=WORLD, **{**kw, "frames": 0})
+
+
+def test_cached_pairs_are_the_rendered_pairs_and_are_not_rendered_twice(tmp_path, monkeypatch):
+    from data_pipelines.toy import endings
+
+    kw = dict(frames=FRAMES, text_dim=DIM, text_max_tokens=TOKENS, toy_config=WORLD)
+    first = endings.cached_ending_pairs(tmp_path, 2, 0, "plan", **kw)
+    fresh = ending_pairs(2, 0, "plan", **kw)
+    monkeypatch.setattr(endings, "ending_pairs", lambda *a, **k: pytest.fail("re-rendered"))
+    again = endings.cached_ending_pairs(tmp_path, 2, 0, "plan", **kw)
+    for got in (first, again):
+        for f in ("success", "failure", "text_tokens", "text_mask", "valid"):
+            np.testing.assert_array_equal(getattr(got, f), getattr(fresh, f))
+        assert got.instructions == fresh.instructions and got.failures == fresh.failures
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    # A smaller count is the prefix of the larger rendering, not a new one.
+    one = endings.cached_ending_pairs(tmp_path, 1, 0, "plan", **kw)
+    np.testing.assert_array_equal(one.success, fresh.success[:1])
+    assert one.instructions == fresh.instructions[:1]
+
+
+def test_shift_clips_translates_each_clip_by_one_offset_and_repeats_the_edge():
+    from data_pipelines.toy.endings import shift_clips
+
+    clips = np.zeros((3, 2, 8, 8, 3), np.uint8)
+    clips[:, :, 4, 4] = 200
+    out = shift_clips(clips, np.random.default_rng(1), 2)
+    assert out.shape == clips.shape and out.dtype == np.uint8
+    for i in range(3):
+        (ys, xs) = np.nonzero(out[i, 0, ..., 0])
+        assert len(ys) == 1 and abs(ys[0] - 4) <= 2 and abs(xs[0] - 4) <= 2
+        np.testing.assert_array_equal(out[i, 0], out[i, 1])  # the same offset for every frame
+    assert shift_clips(clips, np.random.default_rng(1), 0) is clips
+    edge = np.zeros((1, 1, 4, 4, 3), np.uint8)
+    edge[..., 0, :, :] = 9  # the top row; a downward shift repeats it
+    shifted = shift_clips(edge, np.random.default_rng(0), 3)
+    assert set(np.unique(shifted)) <= {0, 9}
+    with pytest.raises(ValueError, match="max_shift"):
+        shift_clips(clips, np.random.default_rng(0), -1)
