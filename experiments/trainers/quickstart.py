@@ -5,6 +5,13 @@ quickstart's shared fields copied over, in ``<workdir>/<module>``; the toy clips
 once, with the action module's clip layout, and read by every module (frames are stored once
 per episode, so each module picks its own history/future split). ``quickstart.json`` in the
 workdir lists, per module, the final evaluation, the checkpoint step and the sample files.
+
+A config may carry one dict of overrides per module (``config.cvae``, ``config.dit``, ...;
+see ``experiments/configs/toy_world_model.py``), applied last onto that module's config, nested
+dicts onto nested fields: ``config.cvae.model.point_features = 32`` sets the CVAE's
+``model.point_features``. An unknown field, a value of the wrong type or a toy-data field
+(the clips are built once for every module, from the shared ``toy_*`` fields) is refused with
+one line naming the key.
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ SHARED = ("seed", "total_steps", "batch_size", "log_every", "checkpoint_every", 
           "keep_checkpoints", "async_checkpointing", "toy_episodes", "toy_val_episodes",
           "toy_grid", "toy_text_max_tokens", "toy_speed", "toy_failure_fraction",
           "data_workers", "data_threads", "compute_dtype")
+# Fields that shape the one toy build every module reads: a per-module override of one of them
+# would not change that module's data, so it is refused.
+DATA_FIELDS = ("toy_episodes", "toy_val_episodes", "toy_grid", "toy_text_max_tokens",
+               "toy_speed", "toy_failure_fraction", "data_dir", "eval_data_dir")
 
 
 def selected_modules(config: ml_collections.ConfigDict) -> list[str]:
@@ -71,7 +82,55 @@ def module_config(config: ml_collections.ConfigDict, module: str, workdir: Path,
             # steps x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab) amplifies their error ~100x, so
             # the eval sampler clips x0 to +-4 (4 standard deviations of unit-std latents).
             sub.eval_clip_x0 = 4.0
+    apply_overrides(sub, module_overrides(config, module), f"config.{module}",
+                    source=f"experiments/configs/{family}.py:{variant},runlocal")
     return sub
+
+
+def module_overrides(config: ml_collections.ConfigDict, module: str) -> dict[str, Any]:
+    """``config.<module>`` as a plain dict (empty when the config has none)."""
+    overrides = config.get(module)
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, ml_collections.ConfigDict | dict):
+        raise ValueError(f"config.{module} must be a dict of {module} config fields, got "
+                         f"{overrides!r}")
+    return overrides.to_dict() if isinstance(overrides, ml_collections.ConfigDict) \
+        else dict(overrides)
+
+
+def apply_overrides(sub: ml_collections.ConfigDict, overrides: dict[str, Any], where: str, *,
+                    source: str = "the module config") -> None:
+    """Sets ``overrides`` onto the locked ``sub`` in place, nested dicts onto nested fields.
+
+    Args:
+      sub: a module's config (locked: no new fields).
+      overrides: field -> value, or field -> dict for a nested ConfigDict field.
+      where: the overrides' own name for errors, e.g. "config.cvae".
+      source: the config ``sub`` came from, for errors.
+
+    Raises:
+      ValueError: one line naming the key, for a field ``sub`` does not have, a value of the
+        wrong type, a dict for a plain field, or a toy-data field at the top level.
+    """
+    for key, value in overrides.items():
+        name = f"{where}.{key}"
+        if key not in sub:
+            raise ValueError(f"{name}: unknown field (not in {source})")
+        if where.count(".") == 1 and key in DATA_FIELDS:
+            raise ValueError(f"{name}: every module reads the same toy clips; set "
+                             f"config.{key} instead")
+        if isinstance(sub[key], ml_collections.ConfigDict):
+            if not isinstance(value, dict):
+                raise ValueError(f"{name}: is a group of fields; give a dict, got {value!r}")
+            apply_overrides(sub[key], value, name, source=source)
+            continue
+        if isinstance(value, dict):
+            raise ValueError(f"{name}: is a single field ({sub[key]!r}), not a group")
+        try:
+            sub[key] = value
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}={value!r}: {str(e).splitlines()[0]}") from None
 
 
 def _unit_std_scale(run: Path) -> float:
@@ -90,6 +149,9 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: Path) -> tuple[Pat
     spec_config = cvae_configs.get_config("S,runlocal")
     for name in SHARED:
         spec_config[name] = config[name]
+    # The CVAE's own overrides may change its clip layout (history, horizon, frame size).
+    apply_overrides(spec_config, module_overrides(config, "cvae"), "config.cvae",
+                    source="experiments/configs/cvae.py:S,runlocal")
     spec = cvae.clip_spec(spec_config)
     for split, directory in (("train", train_dir), ("val", eval_dir)):
         if not (directory / "manifest.json").exists():
