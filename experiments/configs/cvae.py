@@ -44,6 +44,7 @@ def cvae_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         # Departures from the official model (flipjax.models.flow_cvae.CVAEConfig):
         # features sampled at each query point, coordinates in [-1, 1], z in every query.
         point_features=0, unit_coords=False, latent_to_queries=False,
+        point_feature_layers=2, point_feature_dilation=1,  # the feature map's receptive field
     ))
     # The official recipe: AdamW at 1e-4, constant. The official global batch size was not
     # verified from the released configs; 64 is a placeholder to tune per device count.

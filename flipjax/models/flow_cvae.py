@@ -84,6 +84,9 @@ class CVAEConfig:
       point_features: F, width of a learned full-resolution feature map of the history
         frames, bilinearly sampled at each query point and added to its token (ATM /
         Track2Act style); 0 = official (a query token sees only its coordinates).
+      point_feature_layers, point_feature_dilation: the feature map's 3x3 convolutions and
+        their dilation growth (layer i dilated by dilation**i): 3 layers at dilation 2 see 15
+        pixels, enough for a point to see motion of a few pixels per frame in the history.
       unit_coords: query coordinates mapped to [-1, 1] before their Linear (official: raw
         pixels).
       latent_to_queries: Linear(z) added to every query token besides the z token (official:
@@ -100,6 +103,8 @@ class CVAEConfig:
     patch: int = 8
     language_dim: int = 4096
     point_features: int = 0
+    point_feature_layers: int = 2
+    point_feature_dilation: int = 1
     unit_coords: bool = False
     latent_to_queries: bool = False
 
@@ -135,6 +140,9 @@ class CVAEConfig:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch {self.patch}")
         if self.flow_horizon < 2:
             raise ValueError(f"flow_horizon must be >= 2, got {self.flow_horizon}")
+        if self.point_feature_layers < 1 or self.point_feature_dilation < 1:
+            raise ValueError(f"point_feature_layers and point_feature_dilation must be >= 1, "
+                             f"got {self.point_feature_layers}, {self.point_feature_dilation}")
 
 
 def latent_std(z_logvar: Array, official_std: bool = False) -> Array:
@@ -162,18 +170,20 @@ def reconstruct_flow(query_points: Array, scale: Array, direction: Array) -> Arr
 
 
 class PointFeatureMap(nn.Module):
-    """Two 3x3 convolutions over the stacked history at full resolution: float[B H W (T 3)]
+    """3x3 convolutions over the stacked history at full resolution: float[B H W (T 3)]
     -> float[B H W F], features for the query points to sample (a departure, see
-    :class:`CVAEConfig`)."""
+    :class:`CVAEConfig`). Convolution i is dilated by ``dilation**i``."""
 
     features: int
     dtype: Dtype = jnp.float32
+    layers: int = 2
+    dilation: int = 1
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        for i in range(2):
+        for i in range(self.layers):
             x = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype,
-                        name=f"conv_{i}")(x)
+                        kernel_dilation=self.dilation**i, name=f"conv_{i}")(x)
             x = nn.gelu(x)
         return x
 
@@ -212,7 +222,9 @@ class FlowCVAE(nn.Module):
         self.scale_head = dense(lh, ("embed", None), dtype=dt)
         self.direction_head = dense(2 * lh, ("embed", None), dtype=dt)
         if c.point_features:
-            self.point_feature_map = PointFeatureMap(c.point_features, dtype=dt)
+            self.point_feature_map = PointFeatureMap(c.point_features, dtype=dt,
+                                                     layers=c.point_feature_layers,
+                                                     dilation=c.point_feature_dilation)
             self.point_feature_encoder = dense(d, (None, "embed"), dtype=dt)
         if c.latent_to_queries:
             self.latent_to_query = dense(d, ("embed", "mlp"), dtype=dt)

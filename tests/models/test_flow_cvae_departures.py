@@ -102,3 +102,21 @@ def test_free_nats_make_small_kls_free():
     np.testing.assert_allclose(g, [[0.0, 0.0], [1.5, 0.0]], atol=1e-6)
     assert float(cvae_loss.kl_loss(mu, logvar, free_nats=0.0)) == pytest.approx(
         float(cvae_loss.kl_loss(mu, logvar)))
+
+
+def test_dilated_point_features_see_further():
+    # Layer i dilated by 2**i: 3 layers reach 1 + 2 * (1 + 2 + 4) = 15 pixels; 2 plain ones 5.
+    from flipjax.models.flow_cvae import PointFeatureMap
+
+    def reach(**kw):
+        m = PointFeatureMap(4, **kw)
+        x = jnp.zeros((1, 32, 32, 3))
+        params = m.init(jax.random.key(0), x)
+        grad = jax.grad(lambda img: m.apply(params, img)[0, 16, 16].sum())(x)
+        cols = np.nonzero(np.abs(np.asarray(grad[0, 16, :, :])).sum(-1))[0]
+        return cols.max() - cols.min() + 1
+
+    assert reach() == 5
+    assert reach(layers=3, dilation=2) == 15
+    with pytest.raises(ValueError, match="point_feature"):
+        CVAEConfig.variant("tiny", point_features=8, point_feature_layers=0).validate()
