@@ -236,14 +236,27 @@ def _timing(workdir: Path) -> dict[str, Any]:
                                                                "invocations": 0}
 
 
+def _finished(config: Any, workdir: Path, modules: list[str]) -> bool:
+    """Whether the quickstart summary in ``workdir`` has every module at its total steps."""
+    from experiments.trainers import quickstart
+
+    path = workdir / quickstart.SUMMARY_FILE
+    done = json.loads(path.read_text()).get("modules", {}) if path.exists() else {}
+    return all(m in done and done[m]["step"] >= quickstart.module_config(
+        config, m, workdir, workdir, workdir).total_steps for m in modules)
+
+
 def train(config: Any, workdir: Path) -> tuple[float, bool]:
     """Trains (or resumes) every module; returns (training wall seconds summed over the
     invocations that finished, whether this one resumed an earlier run)."""
     from experiments.trainers import quickstart
 
     before = _timing(workdir)
-    resumed = before["invocations"] > 0 or any((workdir / m).exists() for m in
-                                               quickstart.selected_modules(config))
+    modules = quickstart.selected_modules(config)
+    resumed = before["invocations"] > 0 or any((workdir / m).exists() for m in modules)
+    if before["invocations"] > 0 and _finished(config, workdir, modules):
+        print("world model: every module already trained in this workdir", flush=True)
+        return before["train_wall_s"], True
     t0 = time.perf_counter()
     quickstart.train_and_evaluate(config, str(workdir))
     total = before["train_wall_s"] + time.perf_counter() - t0

@@ -101,3 +101,19 @@ def test_quick_benchmark_end_to_end(tmp_path):
     # A rerun resumes: nothing left to train, the plans are reused.
     again = world_model.main(["--out", str(out), "--quick", "--workdir", str(tmp_path / "run")])
     assert again["train_resumed"] and again["cvae_prior_ade_moving"] == r["cvae_prior_ade_moving"]
+
+
+def test_a_finished_workdir_is_not_trained_again(tmp_path):
+    from experiments.configs import toy_world_model
+    from experiments.trainers import quickstart
+
+    config = toy_world_model.get_config("quick")
+    modules = quickstart.selected_modules(config)
+    steps = {m: {"step": config[m].total_steps} for m in modules}
+    (tmp_path / quickstart.SUMMARY_FILE).write_text(json.dumps({"modules": steps}))
+    (tmp_path / world_model.TIMING_FILE).write_text(json.dumps(
+        {"train_wall_s": 123.0, "invocations": 1}))
+    assert world_model.train(config, tmp_path) == (123.0, True)  # returns without training
+    steps["dit"]["step"] -= 1
+    (tmp_path / quickstart.SUMMARY_FILE).write_text(json.dumps({"modules": steps}))
+    assert not world_model._finished(config, tmp_path, modules)
