@@ -63,6 +63,9 @@ def value_config(name: str, runlocal: bool = False, *, clip_len: int
         name=name, image_size=v.image_size, patch=v.patch, clip_len=clip_len,
         temporal_fusion=v.temporal_fusion, text_pool=v.text_pool, gamma=v.gamma,
         vision_width=v.vision_width, text_width=v.text_width, embed_dim=v.embed_dim,
+        # "none": the official separate towers; "token" (a departure): the instruction's text
+        # features are an extra token of the image tower (flipjax.models.value).
+        text_conditioning=v.text_conditioning,
         # Must equal the clips' text_dim: 384 = MiniLM (build_clips --text=minilm).
         language_dim=384,
     ))
@@ -77,6 +80,11 @@ def value_config(name: str, runlocal: bool = False, *, clip_len: int
     # ending pairs, and pairs per step (0: batch_size).
     c.toy_ranking_scenes = 2048
     c.ranking_batch = 0
+    # Each ranking ending translated by up to this many pixels (0: none; no colour jitter, as
+    # colour names the block). Rendered pairs are kept in toy_pairs_cache_dir ("": the
+    # workdir's toy_data), one .npz per setting.
+    c.ranking_shift = 0
+    c.toy_pairs_cache_dir = ""
 
     c.learning_rate = 1e-5
     c.weight_decay = 1e-3

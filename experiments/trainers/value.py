@@ -10,8 +10,11 @@ demonstrations and of the toy world's default builds); filter failures out befor
 Same-scene negatives come from the toy world instead (``loss.success_ranking`` > 0, toy clips
 only): ``toy_ranking_scenes`` scenes of the toy "train" split of ``config.seed`` are rendered
 once with their faithful and a deliberately failed script from the same start
-(:func:`data_pipelines.toy.endings.ending_pairs`), and every step adds ``ranking_batch`` of
-those pairs to the batch.
+(:func:`data_pipelines.toy.endings.ending_pairs`; kept in ``toy_pairs_cache_dir``, default
+``<workdir>/toy_data``, so a resumed run does not re-render), and every step adds
+``ranking_batch`` of those pairs to the batch, each ending translated by up to ``ranking_shift``
+pixels (0: none). With every LIV weight 0 the episode states are not embedded at all (the
+ranking loss alone; the episode batch is still read).
 With ``config.build_toy_data_if_missing`` (on under ``:runlocal``) toy clips are rendered into
 empty data dirs (``<workdir>/toy_data/{train,val}``), ``toy_image_size`` pixels square.
 
@@ -60,7 +63,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from data_pipelines.episodes import VipSampler, make_episode_loader
 from data_pipelines.loader import ClipDataset
-from data_pipelines.toy.endings import EndingPairs, ending_pairs
+from data_pipelines.toy.endings import EndingPairs, cached_ending_pairs, shift_clips
 from data_pipelines.toy.world import ToyConfig
 from experiments.training import clips, loop
 from flipjax import builders, viz
@@ -109,13 +112,27 @@ def prepare_frames(frames: jax.Array, image_size: int) -> jax.Array:
     return fit_frames(frames.astype(jnp.float32) / 127.5 - 1.0, image_size)
 
 
-def embed_states(model: ValueModel, params: PyTree, states: jax.Array) -> jax.Array:
-    """states uint8[B K Tc h w 3] -> clip embeddings float[B K E] (one tower pass for all)."""
+def embed_states(model: ValueModel, params: PyTree, states: jax.Array,
+                 condition: jax.Array | None = None) -> jax.Array:
+    """states uint8[B K Tc h w 3] (condition float[B Dt], the instruction's text features, with
+    ``model.config.text_conditioning``) -> clip embeddings float[B K E] (one tower pass)."""
     b, k = states.shape[:2]
     x = prepare_frames(states, model.config.image_size)
-    e = model.apply({"params": params}, x.reshape(b * k, *x.shape[2:]),
+    if condition is not None:
+        condition = jnp.repeat(condition, k, axis=0)
+    e = model.apply({"params": params}, x.reshape(b * k, *x.shape[2:]), condition,
                     method=ValueModel.embed_clip)
     return e.reshape(b, k, -1)
+
+
+def embed_instructions(model: ValueModel, params: PyTree, tokens: jax.Array,
+                       mask: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """tokens float[B Lt D], mask bool[B Lt] -> (text embeddings float[B E], the condition
+    float[B Dt] for :func:`embed_states`, None without ``text_conditioning``)."""
+    feats = model.apply({"params": params}, tokens.astype(jnp.float32), mask.astype(bool),
+                        method=ValueModel.text_features)
+    text = model.apply({"params": params}, feats, method=ValueModel.project_text)
+    return text, (None if model.config.text_conditioning == "none" else feats)
 
 
 def make_loss_fn(model: ValueModel, weights: LivLossWeights) -> Any:
@@ -127,25 +144,28 @@ def make_loss_fn(model: ValueModel, weights: LivLossWeights) -> Any:
     pair_tokens float[Bp Lt D], pair_mask bool[Bp Lt]. Besides the unweighted loss terms, the
     metrics hold the mean language-goal values of the initial and goal states and the mean
     one-step change V(s_{t+1}) - V(s_t), which training should make positive, and with pairs
-    the fraction of them ranked right (``pair_accuracy``).
+    the fraction of them ranked right (``pair_accuracy``). With every LIV weight 0 and
+    ``success_ranking`` > 0 the episode states are skipped (the ranking loss alone).
     """
+    ranking_only = weights.vip_image == weights.vip_text == weights.infonce == 0
     def loss_fn(params: PyTree, batch: dict[str, jax.Array],
                 rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        emb = embed_states(model, params, batch["states"])
-        text = model.apply({"params": params}, batch["text_tokens"].astype(jnp.float32),
-                           batch["text_mask"].astype(bool), method=ValueModel.embed_text)
-        total, terms = liv_loss(emb[:, 0], emb[:, 1], emb[:, 2], emb[:, 3], text, weights,
-                                text_ids=batch["text_id"], key=rng)
-        v = value_from_embeddings(emb, text[:, None], weights.gamma)  # [B 4]
-        metrics = {k: t for k, t in terms.items() if k != "total"}
-        metrics.update(value_init=jnp.mean(v[:, 0]), value_goal=jnp.mean(v[:, 3]),
-                       value_step=jnp.mean(v[:, 2] - v[:, 1]))
+        total, metrics = jnp.zeros((), jnp.float32), {}
+        if not (ranking_only and weights.success_ranking > 0):
+            text, cond = embed_instructions(model, params, batch["text_tokens"],
+                                            batch["text_mask"])
+            emb = embed_states(model, params, batch["states"], cond)
+            total, terms = liv_loss(emb[:, 0], emb[:, 1], emb[:, 2], emb[:, 3], text, weights,
+                                    text_ids=batch["text_id"], key=rng)
+            v = value_from_embeddings(emb, text[:, None], weights.gamma)  # [B 4]
+            metrics = {k: t for k, t in terms.items() if k != "total"}
+            metrics.update(value_init=jnp.mean(v[:, 0]), value_goal=jnp.mean(v[:, 3]),
+                           value_step=jnp.mean(v[:, 2] - v[:, 1]))
         if weights.success_ranking > 0:
+            pair_text, pair_cond = embed_instructions(model, params, batch["pair_tokens"],
+                                                      batch["pair_mask"])
             ends = embed_states(model, params, jnp.stack(
-                [batch["pair_success"], batch["pair_failure"]], axis=1))  # [Bp 2 E]
-            pair_text = model.apply({"params": params}, batch["pair_tokens"].astype(jnp.float32),
-                                    batch["pair_mask"].astype(bool),
-                                    method=ValueModel.embed_text)
+                [batch["pair_success"], batch["pair_failure"]], axis=1), pair_cond)  # [Bp 2 E]
             rank = success_ranking_loss(pair_text, ends[:, 0], ends[:, 1],
                                         temperature=weights.ranking_temperature)
             pv = value_from_embeddings(ends, pair_text[:, None], weights.gamma)  # [Bp 2]
@@ -211,17 +231,21 @@ def _toy_world(config: ml_collections.ConfigDict) -> ToyConfig:
                      speed=float(config.get("toy_speed", 0.015)))
 
 
-def toy_ending_pairs(config: ml_collections.ConfigDict, split: str, num: int) -> EndingPairs:
+def toy_ending_pairs(config: ml_collections.ConfigDict, split: str, num: int,
+                     cache_dir: str | Path) -> EndingPairs:
     """Faithful and failed endings of ``num`` toy scenes of ``split`` (seed ``config.seed``),
-    ``model.clip_len`` frames each, at the toy clips' size, speed and text settings."""
-    return ending_pairs(int(num), int(config.seed), split,
+    ``model.clip_len`` frames each, at the toy clips' size, speed and text settings; kept in
+    ``config.toy_pairs_cache_dir`` (when set) or ``cache_dir``."""
+    return cached_ending_pairs(config.get("toy_pairs_cache_dir") or cache_dir,
+                               int(num), int(config.seed), split,
                         frames=builders.value_config(config).clip_len,
                         text_dim=int(config.model.language_dim),
                         text_max_tokens=int(config.toy_text_max_tokens),
                         toy_config=_toy_world(config))
 
 
-def ranking_pairs(config: ml_collections.ConfigDict, ds: ClipDataset) -> EndingPairs | None:
+def ranking_pairs(config: ml_collections.ConfigDict, ds: ClipDataset,
+                  cache_dir: str | Path) -> EndingPairs | None:
     """The training ending pairs when ``loss.success_ranking`` > 0 (else None).
 
     Pairs whose faithful script fails or whose failed script succeeds are dropped.
@@ -240,7 +264,7 @@ def ranking_pairs(config: ml_collections.ConfigDict, ds: ClipDataset) -> EndingP
     num = int(config.toy_ranking_scenes)
     if num < 1:
         raise ValueError(f"toy_ranking_scenes must be >= 1 with success_ranking, got {num}")
-    pairs = toy_ending_pairs(config, "train", num)
+    pairs = toy_ending_pairs(config, "train", num, cache_dir)
     keep = np.flatnonzero(pairs.valid)
     logging.info("success ranking: %d of %d toy training scenes have a faithful and a failed "
                  "ending", len(keep), num)
@@ -254,11 +278,14 @@ class PairedLoader:
 
     Draw ``n`` (counted from 0) takes pairs ``default_rng([seed, n]).integers(N, size=count)``,
     so the draws depend on the step only and the saved position (the inner loader's state and
-    the draw count) resumes exactly.
+    the draw count) resumes exactly; the same generator then translates each ending by up to
+    ``shift`` pixels (:func:`data_pipelines.toy.endings.shift_clips`).
     """
 
-    def __init__(self, inner: Any, pairs: EndingPairs, count: int, seed: int, mesh: Mesh):
+    def __init__(self, inner: Any, pairs: EndingPairs, count: int, seed: int, mesh: Mesh,
+                 shift: int = 0):
         self.inner, self.pairs, self.count, self.seed = inner, pairs, int(count), int(seed)
+        self.shift = int(shift)
         self.sharding = batch_sharding(mesh)
         self.drawn = 0
 
@@ -267,13 +294,16 @@ class PairedLoader:
 
     def __next__(self) -> dict[str, Any]:
         batch = dict(next(self.inner))
-        idx = np.random.default_rng([self.seed, self.drawn]).integers(len(self.pairs),
-                                                                      size=self.count)
+        rng = np.random.default_rng([self.seed, self.drawn])
+        idx = rng.integers(len(self.pairs), size=self.count)
         self.drawn += 1
         p = self.pairs
         for key, x in (("pair_success", p.success), ("pair_failure", p.failure),
                        ("pair_tokens", p.text_tokens), ("pair_mask", p.text_mask)):
-            batch[key] = _global(np.ascontiguousarray(x[idx]), self.sharding)
+            x = x[idx]
+            if key in ("pair_success", "pair_failure"):
+                x = shift_clips(x, rng, self.shift)
+            batch[key] = _global(np.ascontiguousarray(x), self.sharding)
         return batch
 
     def get_state(self) -> dict[str, Any]:
@@ -293,7 +323,8 @@ def _loader(config: ml_collections.ConfigDict, ds: ClipDataset, mesh: Mesh,
     if pairs is None:
         return inner
     count = int(config.ranking_batch) or int(config.batch_size)
-    return PairedLoader(inner, pairs, count, int(config.seed), mesh)
+    return PairedLoader(inner, pairs, count, int(config.seed), mesh,
+                        int(config.get("ranking_shift", 0)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -316,8 +347,8 @@ def make_preference_fn(model: ValueModel, mesh: Mesh, chunk: int, gamma: float) 
     @jax.jit
     def values(params: PyTree, ends: jax.Array, tokens: jax.Array,
                mask: jax.Array) -> jax.Array:
-        clip = embed_states(model, params, ends)  # [n 2 E]
-        text = model.apply({"params": params}, tokens, mask, method=ValueModel.embed_text)
+        text, cond = embed_instructions(model, params, tokens, mask)
+        clip = embed_states(model, params, ends, cond)  # [n 2 E]
         return value_from_embeddings(clip, text[:, None], gamma)  # [n 2]
 
     def preference(params: PyTree, pairs: EndingPairs) -> dict[str, float]:
@@ -337,7 +368,7 @@ def make_preference_fn(model: ValueModel, mesh: Mesh, chunk: int, gamma: float) 
 
 
 def make_eval_factory(config: ml_collections.ConfigDict, model: ValueModel,
-                      ds: ClipDataset) -> Any:
+                      ds: ClipDataset, cache_dir: str | Path) -> Any:
     """``mesh -> eval_fn(state, step)`` over ``config.eval_episodes`` held-out episodes and
     ``config.eval_preference_problems`` toy planning problems (module docstring), or None when
     both are 0."""
@@ -355,8 +386,8 @@ def make_eval_factory(config: ml_collections.ConfigDict, model: ValueModel,
     held_out = train_pairs = None
     if problems:
         # Held out: the planner's problems ("plan" split); beside them as many training scenes.
-        held_out = toy_ending_pairs(config, "plan", problems)
-        train_pairs = toy_ending_pairs(config, "train", problems)
+        held_out = toy_ending_pairs(config, "plan", problems, cache_dir)
+        train_pairs = toy_ending_pairs(config, "train", problems, cache_dir)
     sampler = VipSampler(ds, int(config.min_episode_length))
     episodes = list(range(min(num, len(sampler))))
     gamma = float(config.model.gamma)
@@ -369,8 +400,10 @@ def make_eval_factory(config: ml_collections.ConfigDict, model: ValueModel,
         @jax.jit
         def embed(params: PyTree, states: jax.Array, tokens: jax.Array,
                   mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-            clip = embed_states(model, params, states[:, None])[:, 0]
-            text = model.apply({"params": params}, tokens, mask, method=ValueModel.embed_text)
+            text, cond = embed_instructions(model, params, tokens, mask)
+            if cond is not None:
+                cond = jnp.broadcast_to(cond, (states.shape[0], cond.shape[-1]))
+            clip = embed_states(model, params, states[:, None], cond)[:, 0]
             return (jax.lax.with_sharding_constraint(clip, rep),
                     jax.lax.with_sharding_constraint(text, rep))
 
@@ -449,7 +482,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
     train_dir, eval_dir = clips.data_dirs(config, workdir)
     train_ds = open_episodes(config, train_dir, "train")
     eval_ds = train_ds if eval_dir == train_dir else open_episodes(config, eval_dir, "val")
-    pairs = ranking_pairs(config, train_ds)
+    cache_dir = Path(workdir) / "toy_data"
+    pairs = ranking_pairs(config, train_ds, cache_dir)
     logging.info("ValueModel %s (clip_len %d, %d px): %d training clips in %s, %d eval clips "
                  "in %s", config.model.name, model.config.clip_len, model.config.image_size,
                  len(train_ds), train_dir, len(eval_ds), eval_dir)
@@ -458,4 +492,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Any:
         init_fn=make_init_fn(model, train_ds.text_tokens, train_ds.text_dim),
         loss_fn=make_loss_fn(model, loss_weights(config)),
         make_loader=lambda mesh: _loader(config, train_ds, mesh, pairs),
-        make_eval=make_eval_factory(config, model, eval_ds))
+        make_eval=make_eval_factory(config, model, eval_ds, cache_dir))

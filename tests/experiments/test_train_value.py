@@ -209,6 +209,29 @@ def test_success_ranking_needs_toy_clips(toy_dirs, tmp_path, monkeypatch):
     ds = value.open_episodes(config, toy_dirs[0], "train")
     monkeypatch.setitem(ds.manifest, "schema", {"name": "bridge"})
     with pytest.raises(ValueError, match="schema 'bridge'"):
-        value.ranking_pairs(config, ds)
+        value.ranking_pairs(config, ds, tmp_path)
     config.loss.success_ranking = 0.0
-    assert value.ranking_pairs(config, ds) is None
+    assert value.ranking_pairs(config, ds, tmp_path) is None
+
+
+def test_ranking_alone_with_text_token_and_shifts_trains_and_caches_its_pairs(toy_dirs,
+                                                                              tmp_path):
+    config = ranking_config(toy_dirs, 2, eval_preference_problems=2, ranking_shift=2)
+    config.unlock()
+    config.model.text_conditioning = "token"
+    config.loss.vip_image = config.loss.vip_text = config.loss.infonce = 0.0
+    config.lock()
+    value.train_and_evaluate(config, str(tmp_path))
+    records = loop.read_metrics(tmp_path)
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 2
+    # The LIV terms are not computed at all; the ranking loss is the whole loss.
+    assert all("vip_image" not in r and "infonce" not in r for r in train)
+    assert all(abs(r["loss"] - r["success_ranking"]) < 1e-5 for r in train)
+    (ev,) = [r for r in records if r["split"] == "eval"]
+    assert ev["value_prefers_success"] in (0.0, 0.5, 1.0)
+    # Training pairs and held-out problems are kept for a rerun; the evaluation's 2 training
+    # scenes are the first of the 6 rendered for training, not a third file.
+    assert sorted(p.name.split("_")[2:4] for p in (tmp_path / "toy_data").glob("*.npz")) == [
+        ["plan", "2"], ["train", "6"]]
+    assert "text_token" in load_params(tmp_path)["vision"]
