@@ -85,7 +85,7 @@ def test_a_workdir_of_other_settings_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "cvae").exists()
 
 
-@pytest.mark.slow  # ~5 minutes on 2 cores (three trainers and the planner compiled); the
+@pytest.mark.slow  # ~7 minutes on 2 cores (three trainers and the planner compiled); the
 # tests above cover the figures and the settings, tests/experiments/test_toy_world_model.py
 # the config and test_quickstart.py the trainer glue.
 def test_quick_benchmark_end_to_end(tmp_path):
