@@ -38,8 +38,9 @@ def test_overrides_reach_the_module_configs(arg, tmp_path):
     assert (dit.codec.kind, dit.flow_normalization, dit.model.flow_splat, dit.schedule,
             dit.batch_size) == ("pixels", "unit", True, "cosine", 8)
     value = resolved(c, "value", tmp_path)
-    assert (value.loss.success_ranking, value.model.patch, value.model.embed_dim,
-            value.ranking_batch, value.ema_decay) == (20.0, 4, 128, 16, 0.99)
+    assert (value.loss.success_ranking, value.loss.infonce, value.model.patch,
+            value.model.embed_dim, value.ranking_batch, value.ema_decay) == (
+                1.0, 0.0, 4, 128, 32, 0.99)
     for sub in (cvae, dit, value):
         assert sub.data_dir == str(tmp_path / "train") and sub.seed == c.seed
         assert sub.total_steps == c[sub.trainer].total_steps
