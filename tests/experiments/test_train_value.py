@@ -146,6 +146,7 @@ def ranking_config(toy_dirs, total_steps, **fields):
     return config
 
 
+@pytest.mark.slow  # the default run: test_ranking_alone_with_text_token_and_shifts_...
 def test_success_ranking_trains_and_reports_preference(toy_dirs, tmp_path):
     # Exact resume of the pair draws is PairedLoader's test below; this is the wiring.
     config = ranking_config(toy_dirs, 2, eval_preference_problems=3)
@@ -228,8 +229,14 @@ def test_ranking_alone_with_text_token_and_shifts_trains_and_caches_its_pairs(to
     # The LIV terms are not computed at all; the ranking loss is the whole loss.
     assert all("vip_image" not in r and "infonce" not in r for r in train)
     assert all(abs(r["loss"] - r["success_ranking"]) < 1e-5 for r in train)
+    # log 2 at init: an untrained model scores both endings alike.
+    assert abs(train[0]["success_ranking"] - math.log(2)) < 0.3
+    assert all(0 <= r["pair_accuracy"] <= 1 for r in train)
     (ev,) = [r for r in records if r["split"] == "eval"]
     assert ev["value_prefers_success"] in (0.0, 0.5, 1.0)
+    assert ev["value_prefers_success_chance"] == 0.5
+    assert ev["value_prefers_success_train"] in (0.0, 0.5, 1.0)
+    assert math.isfinite(ev["value_success_margin"])
     # Training pairs and held-out problems are kept for a rerun; the evaluation's 2 training
     # scenes are the first of the 6 rendered for training, not a third file.
     assert sorted(p.name.split("_")[2:4] for p in (tmp_path / "toy_data").glob("*.npz")) == [
