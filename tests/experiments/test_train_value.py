@@ -46,6 +46,10 @@ def check_run(workdir, config, steps, eval_step):
     assert {"vision", "text", "image_proj", "text_proj"} <= set(load_params(workdir))
 
 
+# Slow: the default run covers the trainer with value.py:clip
+# (test_clip_runlocal_runs_and_resumes_exactly) and the one-frame LIV model
+# (tests/models/test_value.py::test_single_frame_variant_is_clip_length_one).
+@pytest.mark.slow
 def test_liv_runlocal_two_steps(toy_dirs, tmp_path):
     config = local_config(value_liv, toy_dirs, 2, eval_episodes=2)
     config.eval_stride = 3  # fewer states per curve: a faster eval, same code path
