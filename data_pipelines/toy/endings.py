@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -140,11 +141,16 @@ def cached_ending_pairs(cache_dir: str | Path, num: int, seed: int, split: str, 
                   Path(cache_dir).glob(f"{prefix}*_{tag}.npz"))
     for n, path in done:
         if n >= int(num):
-            with np.load(path, allow_pickle=False) as z:
-                k = int(num)
-                return EndingPairs(z["success"][:k], z["failure"][:k], z["text_tokens"][:k],
-                                   z["text_mask"][:k], [str(x) for x in z["instructions"][:k]],
-                                   [str(x) for x in z["failures"][:k]], z["valid"][:k])
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    k = int(num)
+                    return EndingPairs(
+                        z["success"][:k], z["failure"][:k], z["text_tokens"][:k],
+                        z["text_mask"][:k], [str(x) for x in z["instructions"][:k]],
+                        [str(x) for x in z["failures"][:k]], z["valid"][:k])
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                # A damaged cache entry is only a cache miss: drop it and render again.
+                path.unlink(missing_ok=True)
     path = Path(cache_dir) / f"ending_pairs_{split}_{int(num)}_{tag}.npz"
     pairs = ending_pairs(num, seed, split, frames=frames, text_dim=text_dim,
                          text_max_tokens=text_max_tokens, toy_config=toy_config)

@@ -82,3 +82,16 @@ def test_shift_clips_translates_each_clip_by_one_offset_and_repeats_the_edge():
     assert set(np.unique(shifted)) <= {0, 9}
     with pytest.raises(ValueError, match="max_shift"):
         shift_clips(clips, np.random.default_rng(0), -1)
+
+
+def test_a_corrupt_cache_entry_is_rendered_again(tmp_path):
+    from data_pipelines.toy import endings
+
+    kw = dict(frames=FRAMES, text_dim=DIM, text_max_tokens=TOKENS, toy_config=WORLD)
+    fresh = endings.cached_ending_pairs(tmp_path, 1, 0, "plan", **kw)
+    (entry,) = tmp_path.glob("*.npz")
+    entry.write_bytes(b"not a zip file")
+    again = endings.cached_ending_pairs(tmp_path, 1, 0, "plan", **kw)
+    np.testing.assert_array_equal(again.success, fresh.success)
+    with np.load(entry) as z:  # rewritten whole
+        np.testing.assert_array_equal(z["success"], fresh.success)
