@@ -45,6 +45,7 @@ def cvae_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         # features sampled at each query point, coordinates in [-1, 1], z in every query.
         point_features=0, unit_coords=False, latent_to_queries=False,
         point_feature_layers=2, point_feature_dilation=1,  # the feature map's receptive field
+        relative_flow=False,  # the posterior reads start + displacements, not raw pixels
     ))
     # The official recipe: AdamW at 1e-4, constant. The official global batch size was not
     # verified from the released configs; 64 is a placeholder to tune per device count.

@@ -91,6 +91,9 @@ class CVAEConfig:
         pixels).
       latent_to_queries: Linear(z) added to every query token besides the z token (official:
         the z token only).
+      relative_flow: the posterior encoder reads each trajectory as its start in [-1, 1] and
+        its displacements from the start in pixels (official: absolute pixels, where a motion
+        of a few pixels is a small change on coordinates of tens to hundreds).
     """
 
     hidden: int = 384
@@ -107,6 +110,7 @@ class CVAEConfig:
     point_feature_dilation: int = 1
     unit_coords: bool = False
     latent_to_queries: bool = False
+    relative_flow: bool = False
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> CVAEConfig:
@@ -279,9 +283,18 @@ class FlowCVAE(nn.Module):
     # Encoder / decoder on embedded context
     # --------------------------------------------------------------------------------------
 
+    def _unit(self, points: Array) -> Array:
+        size = jnp.asarray([self.config.img_size[1] - 1, self.config.img_size[0] - 1],
+                           jnp.float32)
+        return 2.0 * points.astype(jnp.float32) / size - 1.0
+
     def _encode(self, flow: Array, img: Array, lang: Array,
                 text_mask: Array | None) -> dict[str, Array]:
         b, n, lh, _ = flow.shape
+        flow = flow.astype(jnp.float32)
+        if self.config.relative_flow:
+            flow = jnp.concatenate(
+                [self._unit(flow[:, :, :1]), flow[:, :, 1:] - flow[:, :, :1]], axis=2)
         flow_tokens = self.flow_encoder(
             einops.rearrange(flow, "b n l two -> b n (l two)").astype(self.dtype))
         cls = jnp.broadcast_to(self.cls_token.astype(self.dtype), (b, 1, self.config.hidden))
@@ -301,8 +314,7 @@ class FlowCVAE(nn.Module):
         c = self.config
         coords = query_points.astype(jnp.float32)
         if c.unit_coords:
-            size = jnp.asarray([c.img_size[1] - 1, c.img_size[0] - 1], jnp.float32)
-            coords = 2.0 * coords / size - 1.0
+            coords = self._unit(coords)
         q = self.query_point_encoder(coords.astype(self.dtype))
         if c.point_features:
             stacked = einops.rearrange(history, "b t h w c -> b h w (t c)").astype(self.dtype)

@@ -120,3 +120,18 @@ def test_dilated_point_features_see_further():
     assert reach(layers=3, dilation=2) == 15
     with pytest.raises(ValueError, match="point_feature"):
         CVAEConfig.variant("tiny", point_features=8, point_feature_layers=0).validate()
+
+
+def test_relative_flow_encodes_start_in_unit_and_displacements_in_pixels():
+    m, params, flow, hist, text = _model(relative_flow=True)
+    plain = FlowCVAE(CVAEConfig.variant("tiny", language_dim=8))
+    # Same parameters, so the relative encoder must equal the official one fed the transform.
+    start = 2.0 * flow[:, :, :1] / 31.0 - 1.0
+    moved = jnp.concatenate([start, flow[:, :, 1:] - flow[:, :, :1]], axis=2)
+    rel = m.apply({"params": params}, flow, hist, text, method=FlowCVAE.encode)
+    ref = plain.apply({"params": params}, moved, hist, text, method=FlowCVAE.encode)
+    np.testing.assert_allclose(rel["z_mu"], ref["z_mu"], atol=1e-5)
+    # Shifting a whole trajectory keeps its displacements: only the start token input moves.
+    shifted = m.apply({"params": params}, flow + 3.0, hist, text, method=FlowCVAE.encode)
+    assert not np.allclose(shifted["z_mu"], rel["z_mu"])
+    assert set(params) == set(_model()[1])  # no new parameters
