@@ -96,6 +96,31 @@ def splat_along_tracks(current: Array, cells: Array, grid: tuple[int, int]
     return moved, weight
 
 
+def warp_latents(current: Array, cells: Array, patch: int) -> Array:
+    """Forward-warps the current frame's latents along the tracks, one frame per later step.
+
+    Where the tracks deposit less than a full bilinear weight (disocclusions, sparse tracks)
+    the current frame fills in, so a warp of still tracks is the current frame itself.
+
+    Args:
+      current: float[B h w C] the current frame's latents.
+      cells: float[B N Lf 2] tracks on the patch grid (col, row), as
+        :func:`unit_to_cells` with the token grid (h / patch, w / patch).
+      patch: the DiT's patch size.
+
+    Returns:
+      float[B Lf-1 h w (C+1)]: the warped latents and, last, the deposited weight (<= 1).
+    """
+    b, h, w, c = current.shape
+    fine = (cells + 0.5) * patch - 0.5     # the same positions on the latent grid
+    flat = current.reshape(b, h * w, c).astype(jnp.float32)
+    moved, weight = splat_along_tracks(flat, fine, (h, w))         # B K (h w) C, B K (h w) 1
+    cover = jnp.minimum(weight, 1.0)
+    filled = moved * cover + flat[:, None] * (1.0 - cover)
+    out = jnp.concatenate([filled, cover], axis=-1)
+    return out.reshape(b, -1, h, w, c + 1)
+
+
 def sincos_2d_at(dim: int, cells: Array) -> Array:
     """float32[... dim]: :func:`sincos_2d` at continuous (col, row) positions float[... 2]."""
     quarter = dim // 4

@@ -41,7 +41,12 @@ import numpy as np
 from einops import rearrange
 
 from flipjax.models import variants
-from flipjax.models.flow_tokens import FlowEmbedder, splat_along_tracks, unit_to_cells
+from flipjax.models.flow_tokens import (
+    FlowEmbedder,
+    splat_along_tracks,
+    unit_to_cells,
+    warp_latents,
+)
 from flipjax.models.layers import (
     Mlp,
     MultiHeadAttention,
@@ -80,7 +85,7 @@ class Conditions:
         in that block's flow attention.
       flow_tokens: float[B N D] the embedded trajectories (used by ``flow_attention="concat"``).
       flow_cells: float[B N Lf 2] the tracks in patch-grid coordinates (col, row), for
-        ``flow_splat``; None otherwise.
+        ``flow_splat`` and ``flow_warp``; None otherwise.
     """
 
     language: Array
@@ -273,6 +278,10 @@ class VideoDiT(nn.Module):
       flow_splat: a departure (flows in unit coordinates): every future frame's tokens also
         receive the current frame's tokens carried along the tracks to where the tracks are
         at that frame (:func:`splat_along_tracks`), through a zero-initialised projection.
+      flow_warp: a departure (flows in unit coordinates): the current frame's clean latents
+        forward-warped along the tracks at latent resolution (:func:`warp_latents`, finer than
+        a patch), patchified and added to each future frame's tokens through a
+        zero-initialised projection: the frame the flow predicts, for the model to correct.
     """
 
     hidden: int = 384
@@ -295,6 +304,7 @@ class VideoDiT(nn.Module):
     flow_gate: bool = False
     flow_embedding: str = "mlp"
     flow_splat: bool = False
+    flow_warp: bool = False
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> VideoDiT:
@@ -341,6 +351,9 @@ class VideoDiT(nn.Module):
         if self.flow_splat:
             self.splat_proj = dense(self.hidden, (None, "embed"), dtype=self.dtype,
                                     kernel_init=nn.initializers.zeros, name="flow_splat")
+        if self.flow_warp:
+            self.warp_proj = dense(self.hidden, (None, "embed"), dtype=self.dtype,
+                                   kernel_init=nn.initializers.zeros, name="flow_warp")
 
     # -------------------------------------------------------------------------------------
 
@@ -369,7 +382,7 @@ class VideoDiT(nn.Module):
         tokens = self.flow_embedder(flow)
         flow_kv = tuple(blk.flow_keys_values(tokens) for blk in self.blocks)
         cells = None
-        if self.flow_splat:
+        if self.flow_splat or self.flow_warp:
             hp, wp = (n // self.patch for n in self.latent_size)
             cells = unit_to_cells(flow.astype(jnp.float32), (hp, wp))
         return Conditions(language=language, flow_kv=flow_kv, flow_tokens=tokens,
@@ -416,6 +429,8 @@ class VideoDiT(nn.Module):
 
         if self.flow_splat:
             tokens = tokens + self._splat(tokens, cond.flow_cells, (hp, wp))
+        if self.flow_warp:
+            tokens = tokens + self._warp(x, cond.flow_cells)
         c_vec = self.t_embedder(t) + cond.language
         for i in range(0, self.depth, 2):
             tokens = self.blocks[i](tokens, c_vec, cond.flow_kv[i], cond.flow_tokens)  # B T P D
@@ -438,6 +453,18 @@ class VideoDiT(nn.Module):
         add = self.splat_proj(jnp.concatenate([moved, count], axis=-1).astype(self.dtype))
         return jnp.concatenate([jnp.zeros((b, self.history, add.shape[2], d), add.dtype), add],
                                axis=1)
+
+    def _warp(self, x: Array, cells: Array | None) -> Array:
+        """float[B T P D] additions: zero on the history, the projected warp on the futures."""
+        if cells is None:
+            raise ValueError("flow_warp needs Conditions.flow_cells (encode_conditions)")
+        b = x.shape[0]
+        warped = warp_latents(x[:, self.history - 1], cells, self.patch)   # B K h w (C+1)
+        patches = rearrange(warped, "b k (h p) (w q) c -> b k (h w) (p q c)", p=self.patch,
+                            q=self.patch)
+        add = self.warp_proj(patches.astype(self.dtype))
+        return jnp.concatenate(
+            [jnp.zeros((b, self.history, *add.shape[2:]), add.dtype), add], axis=1)
 
     def __call__(self, x: Array, t: Array, flow: Array, text_tokens: Array,
                  text_mask: Array) -> Array:

@@ -125,3 +125,40 @@ def test_flow_splat_starts_silent_and_reads_the_flow_once_trained():
         lambda p, v: jax.random.normal(jax.random.key(2), v.shape)
         if "flow_splat" in jax.tree_util.keystr(p) else v, params)
     assert float(jnp.abs(run(params, unit) - run(params, moved)).max()) > 1e-3
+
+
+def test_warp_moves_latents_finer_than_a_patch_and_fills_from_the_current_frame():
+    from flipjax.models.flow_tokens import unit_to_cells, warp_latents
+    rng = np.random.default_rng(3)
+    current = jnp.asarray(rng.normal(size=(1, 4, 4, 3)), jnp.float32)
+    # One track per latent cell (unit coordinates of the 4x4 latent centres), patch 2.
+    rows, cols = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
+    start = np.stack([(cols.ravel() + 0.5) / 2 - 1, (rows.ravel() + 0.5) / 2 - 1], -1)
+    still = np.repeat(start[None, :, None], 2, axis=2)
+    cells = unit_to_cells(jnp.asarray(still, jnp.float32), (2, 2))
+    out = warp_latents(current, cells, 2)
+    assert out.shape == (1, 1, 4, 4, 4)
+    np.testing.assert_allclose(out[0, 0, ..., :3], current[0], atol=1e-5)  # still = copy
+    np.testing.assert_allclose(out[0, 0, ..., 3], 1.0, atol=1e-5)
+    # Every track one latent cell (half a patch) to the right: column c lands in c + 1; the
+    # first column receives nothing and keeps the current frame.
+    moved = still.copy()
+    moved[:, :, 1, 0] += 0.5
+    out = warp_latents(current, unit_to_cells(jnp.asarray(moved, jnp.float32), (2, 2)), 2)
+    np.testing.assert_allclose(out[0, 0, :, 1:, :3], current[0, :, :3], atol=1e-5)
+    np.testing.assert_allclose(out[0, 0, :, 0, :3], current[0, :, 0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 0, :, 0, 3], 0.0, atol=1e-6)
+
+
+def test_flow_warp_starts_silent_and_reads_the_flow_once_trained():
+    params, flow, run = _setup(flow_warp=True, flow_gate=True)
+    unit = flow / 8.0 - 1.0
+    moved = unit.at[:, :, 1:].add(0.4)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.zeros_like(v) if "flow_warp" in jax.tree_util.keystr(p) else v,
+        params)
+    np.testing.assert_allclose(run(params, unit), run(params, moved), atol=1e-6)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: jax.random.normal(jax.random.key(2), v.shape)
+        if "flow_warp" in jax.tree_util.keystr(p) else v, params)
+    assert float(jnp.abs(run(params, unit) - run(params, moved)).max()) > 1e-3
