@@ -131,7 +131,8 @@ def weighted_ade(pred_flow: Array, gt_flow: Array, threshold: float = 1.0,
     return jnp.mean(weight * dist)
 
 
-def kl_divergence(z_mu: Array, z_logvar: Array, official_std: bool = False) -> Array:
+def kl_divergence(z_mu: Array, z_logvar: Array, official_std: bool = False,
+                  prior: tuple[Array, Array] | None = None) -> Array:
     """Per-example KL(posterior || prior) summed over latent dims.
 
     Args:
@@ -139,12 +140,20 @@ def kl_divergence(z_mu: Array, z_logvar: Array, official_std: bool = False) -> A
       official_std: the distributions the official code actually samples, posterior std
         exp(exp(0.5 logvar)) against prior std e (diagnostics only; the official loss uses the
         standard form, which matches this module's fixed sampler).
+      prior: (mu, logvar) float[B D] of a learned Gaussian prior; None: N(0, I).
 
     Returns:
       float[B] KL in nats.
     """
     dims = shapes.check(z_mu, "z_mu", "B D", dtype="float")
     shapes.check(z_logvar, "z_logvar", "B D", dims, dtype="float")
+    if prior is not None:
+        p_mu, p_logvar = prior
+        shapes.check(p_mu, "prior_mu", "B D", dims, dtype="float")
+        shapes.check(p_logvar, "prior_logvar", "B D", dims, dtype="float")
+        return 0.5 * jnp.sum(p_logvar - z_logvar - 1.0
+                             + (jnp.exp(z_logvar) + (z_mu - p_mu) ** 2) * jnp.exp(-p_logvar),
+                             axis=-1)
     if not official_std:
         return -0.5 * jnp.sum(1.0 + z_logvar - z_mu**2 - jnp.exp(z_logvar), axis=-1)
     log_std = jnp.exp(0.5 * z_logvar)  # log of exp(exp(.)) std
@@ -155,7 +164,7 @@ def kl_divergence(z_mu: Array, z_logvar: Array, official_std: bool = False) -> A
 
 
 def kl_loss(z_mu: Array, z_logvar: Array, batch_sum: bool = True, robust: bool = True,
-            free_nats: float = 0.0) -> Array:
+            free_nats: float = 0.0, prior: tuple[Array, Array] | None = None) -> Array:
     """The KL term of the objective.
 
     Args:
@@ -163,11 +172,12 @@ def kl_loss(z_mu: Array, z_logvar: Array, batch_sum: bool = True, robust: bool =
       batch_sum: sum over the batch (official) instead of averaging.
       robust: return sqrt(1 + KL^2) - 1 (official) instead of KL.
       free_nats: each example's KL counts max(KL, free_nats) (0: official).
+      prior: a learned prior's (mu, logvar) float[B D]; None: N(0, I).
 
     Returns:
       float[] loss.
     """
-    kl = kl_divergence(z_mu, z_logvar)
+    kl = kl_divergence(z_mu, z_logvar, prior=prior)
     if free_nats > 0:
         kl = jnp.maximum(kl, free_nats)
     kl = jnp.sum(kl) if batch_sum else jnp.mean(kl)
@@ -197,7 +207,7 @@ def cvae_loss(outputs: dict[str, Array], gt_flow: Array, history: Array, patch: 
 
     Args:
       outputs: :meth:`FlowCVAE.__call__` outputs (scale, direction, flow, z_mu, z_logvar,
-        img_output, flow_output).
+        img_output, flow_output; prior_mu and prior_logvar with a learned prior).
       gt_flow: float[B N L 2] the flow that was encoded.
       history: float[B T H W 3] the observation frames that were encoded.
       patch: the model's patch size (for the image target).
@@ -209,6 +219,8 @@ def cvae_loss(outputs: dict[str, Array], gt_flow: Array, history: Array, patch: 
     """
     shapes.check(gt_flow, "gt_flow", "B N L 2", dtype="float")
     target_scale, target_direction = flow_targets(gt_flow)
+    prior = ((outputs["prior_mu"], outputs["prior_logvar"]) if "prior_mu" in outputs
+             else None)
     c = config
     terms = {
         "direction": thresholded_squared_error(outputs["direction"], target_direction,
@@ -217,7 +229,7 @@ def cvae_loss(outputs: dict[str, Array], gt_flow: Array, history: Array, patch: 
                                            c.up_weight),
         "ade": weighted_ade(outputs["flow"], gt_flow, c.ade_threshold, c.up_weight),
         "kl": kl_loss(outputs["z_mu"], outputs["z_logvar"], c.kl_batch_sum, c.robust_kl,
-                      c.free_nats),
+                      c.free_nats, prior),
         "img_recon": jnp.mean((outputs["img_output"] - patchify(history, patch)) ** 2),
         "flow_recon": jnp.mean((outputs["flow_output"] - gt_flow) ** 2),
     }

@@ -94,6 +94,10 @@ class CVAEConfig:
       relative_flow: the posterior encoder reads each trajectory as its start in [-1, 1] and
         its displacements from the start in pixels (official: absolute pixels, where a motion
         of a few pixels is a small change on coordinates of tens to hundreds).
+      learned_prior: the prior is p(z | observation, language), the posterior encoder's
+        layers run over [prior token | image | language] (no flow) with their own mean and
+        log-variance heads, and the KL is taken against it (the conditional VAE of Sohn et
+        al. 2015); official: N(0, I). Sampling then draws from it.
     """
 
     hidden: int = 384
@@ -111,6 +115,7 @@ class CVAEConfig:
     unit_coords: bool = False
     latent_to_queries: bool = False
     relative_flow: bool = False
+    learned_prior: bool = False
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> CVAEConfig:
@@ -232,6 +237,12 @@ class FlowCVAE(nn.Module):
             self.point_feature_encoder = dense(d, (None, "embed"), dtype=dt)
         if c.latent_to_queries:
             self.latent_to_query = dense(d, ("embed", "mlp"), dtype=dt)
+        if c.learned_prior:
+            self.prior_token = self.param(
+                "prior_token",
+                nn.with_logical_partitioning(nn.initializers.normal(1.0), ("embed",)), (d,))
+            self.prior_mu = dense(d, ("embed", "mlp"), dtype=dt)
+            self.prior_logvar = dense(d, ("embed", "mlp"), dtype=dt)
 
     # --------------------------------------------------------------------------------------
     # Shared context
@@ -309,6 +320,16 @@ class FlowCVAE(nn.Module):
             "flow_output": self.flow_decoder(x[:, 1:1 + n]).astype(jnp.float32).reshape(
                 b, n, lh, 2),
         }
+
+    def _prior(self, img: Array, lang: Array, text_mask: Array | None) -> tuple[Array, Array]:
+        """(mu, logvar) float[B D] of the prior: N(0, I) or the learned p(z | context)."""
+        b, d = img.shape[0], self.config.hidden
+        if not self.config.learned_prior:
+            return jnp.zeros((b, d), jnp.float32), jnp.zeros((b, d), jnp.float32)
+        token = jnp.broadcast_to(self.prior_token.astype(self.dtype), (b, 1, d))
+        h = self._run(self.encoder, token, img, lang, text_mask)[:, 0]
+        return (self.prior_mu(h).astype(jnp.float32),
+                jnp.clip(self.prior_logvar(h).astype(jnp.float32), -10.0, 10.0))
 
     def _query_tokens(self, query_points: Array, history: Array, z: Array) -> Array:
         c = self.config
@@ -401,7 +422,8 @@ class FlowCVAE(nn.Module):
           official_std: sample with the official std exp(exp(0.5 logvar)) (parity only).
 
         Returns:
-          The union of :meth:`encode` and :meth:`decode` outputs plus z float[B D].
+          The union of :meth:`encode` and :meth:`decode` outputs plus z float[B D] (and, with
+          ``learned_prior``, prior_mu and prior_logvar float[B D]).
         """
         dims = shapes.check(flow, "flow", f"B N {self.config.flow_horizon} 2", dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
@@ -409,12 +431,14 @@ class FlowCVAE(nn.Module):
         post = self._encode(flow, img, lang, text_mask)
         eps = jax.random.normal(self.make_rng("latent"), post["z_mu"].shape, jnp.float32)
         z = post["z_mu"] + latent_std(post["z_logvar"], official_std) * eps
+        if self.config.learned_prior:
+            post["prior_mu"], post["prior_logvar"] = self._prior(img, lang, text_mask)
         return {**post, "z": z, **self._decode(flow[:, :, 0], img, lang, text_mask, z, history)}
 
     def sample(self, query_points: Array, history: Array, text_tokens: Array,
                text_mask: Array | None = None, *,
                official_std: bool = False) -> dict[str, Array]:
-        """Draws one flow per example from the prior N(0, I).
+        """Draws one flow per example from the prior (N(0, I), or the learned prior).
 
         Args:
           query_points: float[B N 2] start points.
@@ -429,7 +453,7 @@ class FlowCVAE(nn.Module):
         dims = shapes.check(query_points, "query_points", "B N 2", dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
         img, lang = self.embed_context(history, text_tokens)
-        b = query_points.shape[0]
-        std = latent_std(jnp.zeros((), jnp.float32), official_std)
-        z = std * jax.random.normal(self.make_rng("latent"), (b, self.config.hidden))
+        mu, logvar = self._prior(img, lang, text_mask)
+        z = mu + latent_std(logvar, official_std) * jax.random.normal(
+            self.make_rng("latent"), mu.shape)
         return {"z": z, **self._decode(query_points, img, lang, text_mask, z, history)}
