@@ -15,6 +15,7 @@ Options besides the VideoDiT fields: ``latent_scale`` ("none": pixels in [-1, 1]
 official smoke codec; "unit": scaled to unit variance over the training clips, as the SD-VAE
 scale factor does for its latents), ``residual`` (diffuse the change from the current
 frame instead of the future frames themselves, so a model that has learnt nothing copies) and
+``prediction`` (what the DiT's output predicts: "eps", official, "x0" or "v") and
 ``flow_normalization`` (the DiT's flow units, "pixels" or "unit"; ``flow_embedding=
 positional`` needs "unit") and ``codec_factor`` (the pixel codec's space-to-depth factor: 4,
 the runlocal configs', gives 8x8x48 latents and 2x2 patches of 192 values for the tiny DiT's
@@ -44,7 +45,7 @@ PRESETS = {
                     flow_gate=True),
 }
 OPTIONS = {"latent_scale": "none", "residual": False, "sample_steps": 50, "codec_factor": 4,
-           "flow_normalization": "pixels"}
+           "flow_normalization": "pixels", "prediction": "eps"}
 MODEL_FIELDS = {f.name for f in dataclasses.fields(VideoDiT)} - {"parent", "name"}
 HISTORY, HORIZON, SIZE = 2, 4, 32
 
@@ -55,7 +56,8 @@ def _psnr(mse: jax.Array) -> jax.Array:
 
 
 def make_programs(model: VideoDiT, codec: codec_lib.LatentCodec, tx: Any, residual: bool,
-                  sample_steps: int, units: str = "pixels") -> tuple[Any, Any]:
+                  sample_steps: int, units: str = "pixels", prediction: str = "eps"
+                  ) -> tuple[Any, Any]:
     """Jitted ``step(params, opt, batch, rng)`` and ``score(params, batch, rng)``."""
     schedule = diffusion.linear_schedule(1000)
     sample_schedule = diffusion.respace(schedule, sample_steps)
@@ -89,7 +91,8 @@ def make_programs(model: VideoDiT, codec: codec_lib.LatentCodec, tx: Any, residu
             def model_fn(xt, ts):
                 return model.apply({"params": p}, xt, ts, flow, x["text"], x["text_mask"])
             terms = diffusion.model_losses(model_fn, schedule, x0, t, noise, history=HISTORY,
-                                           learned_range=model.learn_sigma)
+                                           learned_range=model.learn_sigma,
+                                           prediction=prediction)
             return jnp.mean(terms["loss"])
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt = tx.update(grads, opt, params)
@@ -106,7 +109,7 @@ def make_programs(model: VideoDiT, codec: codec_lib.LatentCodec, tx: Any, residu
                 return model.apply({"params": params}, xt, ts, c, hist,
                                    method=VideoDiT.denoise)
             out = sampling.ddim_sample(model_fn, sample_schedule, rng, fut.shape,
-                                       learned_range=model.learn_sigma)
+                                       learned_range=model.learn_sigma, prediction=prediction)
             return to_frames(x, out)
 
         truth = x["future"]
@@ -167,7 +170,7 @@ def train_and_score(rung: str, overrides: dict[str, Any], *, steps: int, batch: 
     tx = common.optimizer(lr, steps)
     units = str(opts["flow_normalization"])
     step, score = make_programs(model, codec, tx, bool(opts["residual"]),
-                                int(opts["sample_steps"]), units)
+                                int(opts["sample_steps"]), units, str(opts["prediction"]))
     x = {k: jnp.asarray(v[:2]) for k, v in train.items()}
     video = codec.encode_video(jnp.concatenate([x["history"], x["future"]], axis=1))
     params = model.init(jax.random.key(seed), video, jnp.zeros((2,), jnp.int32),
