@@ -84,14 +84,15 @@ def loss_config(config: ml_collections.ConfigDict) -> CVAELossConfig:
 
 def make_loss_fn(model: FlowCVAE, objective: CVAELossConfig = CVAELossConfig()) -> Any:
     """``(params, batch, rng) -> (loss, terms)`` with the CVAE objective ``objective``."""
-    def loss_fn(params: PyTree, batch: dict[str, jax.Array],
-                rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss_fn(params: PyTree, batch: dict[str, jax.Array], rng: jax.Array,
+                step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         x = convert_batch(batch)
         out = model.apply({"params": params}, x["flow"], x["history"], x["text_tokens"],
                           x["text_mask"], rngs={"latent": rng})
-        terms = cvae_loss(out, x["flow"], x["history"], model.config.patch, objective)
+        terms = cvae_loss(out, x["flow"], x["history"], model.config.patch, objective, step)
         return terms["loss"], {k: v for k, v in terms.items() if k != "loss"}
 
+    loss_fn.takes_step = True  # for the KL warm-up (make_train_step passes step=)
     return loss_fn
 
 

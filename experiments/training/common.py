@@ -310,7 +310,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
     moves when the parameters actually change.
 
     Args:
-      loss_fn: ``(params, batch, rng) -> (scalar loss, metrics dict)``.
+      loss_fn: ``(params, batch, rng) -> (scalar loss, metrics dict)``; a loss_fn with a true
+        ``takes_step`` attribute is also given ``step=`` the state's step (e.g. to ramp a
+        loss weight).
       optimizer: the same transformation the state was created with.
       state_shardings: the shardings returned by :func:`create_train_state`.
       mesh: the device mesh; every batch leaf is split over ("data", "fsdp") on axis 0.
@@ -340,7 +342,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             if compute_dtype is not None:
                 # The cast is differentiated, so gradients come back in the master dtype.
                 params = _cast_floating(params, compute_dtype)
-            loss, metrics = loss_fn(params, batch, rng)
+            extra = {"step": state.step} if getattr(loss_fn, "takes_step", False) else {}
+            loss, metrics = loss_fn(params, batch, rng, **extra)
             return loss.astype(jnp.float32), metrics
 
         (loss, metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)

@@ -48,6 +48,10 @@ class CVAELossConfig:
       free_nats: per-example KL below this many nats costs nothing (free bits, a departure:
         the latent can carry a few nats of motion before the KL pushes back, so a strong KL
         weight does not collapse it while the decoder is still learning to read it).
+      kl_warmup_steps: the KL weight ramps linearly from 0 to ``kl`` over this many training
+        steps (KL annealing, Bowman et al. 2016, a departure; 0: official, full weight from
+        the start). A latent that the decoder has learnt to read survives the KL, where a full
+        KL from step 0 keeps the decoder on the no-motion answer.
     """
 
     direction: float = 10.0
@@ -61,6 +65,7 @@ class CVAELossConfig:
     kl_batch_sum: bool = True
     robust_kl: bool = True
     free_nats: float = 0.0
+    kl_warmup_steps: int = 0
 
 
 def _safe_norm(x: Array) -> Array:
@@ -201,8 +206,17 @@ def patchify(history: Array, patch: int) -> Array:
     return einops.rearrange(history, "b t (h p) (w q) c -> b (h w) (p q t c)", p=patch, q=patch)
 
 
+def kl_weight(config: CVAELossConfig, step: Array | int | None = None) -> Array:
+    """The KL term's weight at training ``step`` (None: after any warm-up)."""
+    if step is None or config.kl_warmup_steps <= 0:
+        return jnp.asarray(config.kl, jnp.float32)
+    ramp = jnp.asarray(step, jnp.float32) / float(config.kl_warmup_steps)
+    return config.kl * jnp.clip(ramp, 0.0, 1.0)
+
+
 def cvae_loss(outputs: dict[str, Array], gt_flow: Array, history: Array, patch: int,
-              config: CVAELossConfig = CVAELossConfig()) -> dict[str, Array]:
+              config: CVAELossConfig = CVAELossConfig(),
+              step: Array | int | None = None) -> dict[str, Array]:
     """The full training objective.
 
     Args:
@@ -212,6 +226,7 @@ def cvae_loss(outputs: dict[str, Array], gt_flow: Array, history: Array, patch: 
       history: float[B T H W 3] the observation frames that were encoded.
       patch: the model's patch size (for the image target).
       config: weights and thresholds.
+      step: the training step, for ``config.kl_warmup_steps`` (None: the full KL weight).
 
     Returns:
       dict of float[]: loss (the weighted total), direction, scale, ade, kl, img_recon,
@@ -233,6 +248,7 @@ def cvae_loss(outputs: dict[str, Array], gt_flow: Array, history: Array, patch: 
         "img_recon": jnp.mean((outputs["img_output"] - patchify(history, patch)) ** 2),
         "flow_recon": jnp.mean((outputs["flow_output"] - gt_flow) ** 2),
     }
-    total = (c.direction * terms["direction"] + c.scale * terms["scale"] + c.kl * terms["kl"]
+    total = (c.direction * terms["direction"] + c.scale * terms["scale"]
+             + kl_weight(c, step) * terms["kl"]
              + c.ade * terms["ade"] + c.aux * (terms["img_recon"] + terms["flow_recon"]))
     return {"loss": total, **terms}

@@ -226,3 +226,19 @@ def test_bf16_compute_keeps_fp32_params():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))
     assert int(state.step) == 2
+
+
+def test_loss_fn_that_takes_step_sees_the_state_step():
+    mesh = create_mesh(8, 1, 1)
+
+    def stepped(params, batch, rng, step):
+        loss, metrics = loss_fn(params, batch, rng)
+        return loss, {**metrics, "seen_step": step.astype(jnp.float32)}
+    stepped.takes_step = True
+    tx = optax.sgd(0.1)
+    state, shardings = common.create_train_state(init_fn, tx, jax.random.PRNGKey(0), mesh=mesh)
+    step = common.make_train_step(stepped, tx, shardings, mesh, donate=False)
+    batch = shard_batch(mesh, make_batch(8))
+    for want in range(3):
+        state, metrics = step(state, batch)
+        assert float(metrics["seen_step"]) == want

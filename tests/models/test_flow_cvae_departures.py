@@ -159,3 +159,12 @@ def test_learned_prior_kl_and_sampling():
     zero = jnp.zeros_like(mu)
     np.testing.assert_allclose(kl_divergence(mu, logvar, prior=(zero, zero)),
                                kl_divergence(mu, logvar), rtol=1e-5)
+
+
+def test_kl_warmup_ramps_the_kl_weight_from_zero():
+    from flipjax.models.cvae_loss import CVAELossConfig, kl_weight
+    c = CVAELossConfig(kl=0.3, kl_warmup_steps=100)
+    got = [float(kl_weight(c, s)) for s in (0, 50, 100, 5000)]
+    np.testing.assert_allclose(got, [0.0, 0.15, 0.3, 0.3], rtol=1e-6)
+    assert float(kl_weight(c)) == pytest.approx(0.3)     # evaluation: the full weight
+    assert float(kl_weight(CVAELossConfig(kl=0.3), 0)) == pytest.approx(0.3)  # official
