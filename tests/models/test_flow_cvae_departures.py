@@ -151,9 +151,11 @@ def test_learned_prior_kl_and_sampling():
     # Sampling draws z ~ N(prior_mu, exp(prior_logvar)): many draws recover its moments.
     draws = jax.vmap(lambda k: m.apply({"params": params}, flow[:, :, 0], hist, text,
                                        rngs={"latent": k}, method=FlowCVAE.sample)["z"])(
-        jax.random.split(jax.random.key(4), 4000))
-    np.testing.assert_allclose(draws.mean(0), mu, atol=0.12)
-    np.testing.assert_allclose(draws.std(0), jnp.exp(0.5 * logvar), rtol=0.08)
+        jax.random.split(jax.random.key(4), 512))
+    np.testing.assert_allclose(draws.mean(0), mu, atol=0.25)
+    np.testing.assert_allclose(draws.std(0), jnp.exp(0.5 * logvar), rtol=0.15)
+    # ... and not the fixed N(0, I): the draws sit around the prior's mean.
+    assert float(jnp.abs(draws.mean(0)).max()) > 0.5
     # KL against itself is 0, and against N(0, I) it is the standard form.
     np.testing.assert_allclose(kl_divergence(mu, logvar, prior=(mu, logvar)), 0.0, atol=1e-4)
     zero = jnp.zeros_like(mu)
