@@ -98,6 +98,9 @@ class CVAEConfig:
         layers run over [prior token | image | language] (no flow) with their own mean and
         log-variance heads, and the KL is taken against it (the conditional VAE of Sohn et
         al. 2015); official: N(0, I). Sampling then draws from it.
+      latent_dim: Z, the latent's width, entering the decoder through a Linear(Z -> D); 0 =
+        official, Z = D with no projection. A few dimensions suffice for the choice between a
+        scene's motions, and 8 prior samples cover a low-dimensional prior far better.
     """
 
     hidden: int = 384
@@ -116,6 +119,7 @@ class CVAEConfig:
     latent_to_queries: bool = False
     relative_flow: bool = False
     learned_prior: bool = False
+    latent_dim: int = 0
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> CVAEConfig:
@@ -128,6 +132,11 @@ class CVAEConfig:
           ValueError: an unknown name.
         """
         return cls(**variants.resolve("CVAE", VARIANTS, name, overrides))
+
+    @property
+    def z_dim(self) -> int:
+        """Z, the latent width (``latent_dim``, or D when it is 0)."""
+        return self.latent_dim or self.hidden
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -226,8 +235,12 @@ class FlowCVAE(nn.Module):
                         for _ in range(c.encoder_layers)]
         self.decoder = [PostLNEncoderLayer(c.num_heads, d, dtype=dt)
                         for _ in range(c.decoder_layers)]
-        self.z_mu = dense(d, ("embed", "mlp"), dtype=dt)
-        self.z_logvar = dense(d, ("embed", "mlp"), dtype=dt)
+        # A narrower latent is not sharded (None): a few columns do not split over devices.
+        z_axes = ("embed", None) if c.latent_dim else ("embed", "mlp")
+        self.z_mu = dense(c.z_dim, z_axes, dtype=dt)
+        self.z_logvar = dense(c.z_dim, z_axes, dtype=dt)
+        if c.latent_dim:
+            self.latent_in = dense(d, (None, "embed"), dtype=dt)
         self.scale_head = dense(lh, ("embed", None), dtype=dt)
         self.direction_head = dense(2 * lh, ("embed", None), dtype=dt)
         if c.point_features:
@@ -241,8 +254,8 @@ class FlowCVAE(nn.Module):
             self.prior_token = self.param(
                 "prior_token",
                 nn.with_logical_partitioning(nn.initializers.normal(1.0), ("embed",)), (d,))
-            self.prior_mu = dense(d, ("embed", "mlp"), dtype=dt)
-            self.prior_logvar = dense(d, ("embed", "mlp"), dtype=dt)
+            self.prior_mu = dense(c.z_dim, z_axes, dtype=dt)
+            self.prior_logvar = dense(c.z_dim, z_axes, dtype=dt)
 
     # --------------------------------------------------------------------------------------
     # Shared context
@@ -323,10 +336,10 @@ class FlowCVAE(nn.Module):
 
     def _prior(self, img: Array, lang: Array, text_mask: Array | None) -> tuple[Array, Array]:
         """(mu, logvar) float[B D] of the prior: N(0, I) or the learned p(z | context)."""
-        b, d = img.shape[0], self.config.hidden
+        b, z = img.shape[0], self.config.z_dim
         if not self.config.learned_prior:
-            return jnp.zeros((b, d), jnp.float32), jnp.zeros((b, d), jnp.float32)
-        token = jnp.broadcast_to(self.prior_token.astype(self.dtype), (b, 1, d))
+            return jnp.zeros((b, z), jnp.float32), jnp.zeros((b, z), jnp.float32)
+        token = jnp.broadcast_to(self.prior_token.astype(self.dtype), (b, 1, self.config.hidden))
         h = self._run(self.encoder, token, img, lang, text_mask)[:, 0]
         return (self.prior_mu(h).astype(jnp.float32),
                 jnp.clip(self.prior_logvar(h).astype(jnp.float32), -10.0, 10.0))
@@ -351,8 +364,11 @@ class FlowCVAE(nn.Module):
                 z: Array, history: Array) -> dict[str, Array]:
         b, n, _ = query_points.shape
         lh = self.config.flow_horizon
+        z = z.astype(self.dtype)
+        if self.config.latent_dim:
+            z = self.latent_in(z)
         q = self._query_tokens(query_points, history, z)
-        prefix = jnp.concatenate([z.astype(self.dtype)[:, None], q], axis=1)
+        prefix = jnp.concatenate([z[:, None], q], axis=1)
         h = self._run(self.decoder, prefix, img, lang, text_mask)[:, 1:1 + n]
         # The heads predict L steps; the last one has no successor and is dropped (official).
         scale = jax.nn.softplus(self.scale_head(h).astype(jnp.float32))
@@ -378,7 +394,7 @@ class FlowCVAE(nn.Module):
           text_mask: bool[B Lt], True for real tokens; None = all valid.
 
         Returns:
-          dict with z_mu float[B D], z_logvar float[B D] (clamped to [-10, 10]),
+          dict with z_mu float[B Z], z_logvar float[B Z] (clamped to [-10, 10]),
           img_output float[B P (p q T 3)] (patch pixels in (p q t c) order, the official
           ``_patchify`` layout) and flow_output float[B N L 2].
         """
@@ -396,14 +412,14 @@ class FlowCVAE(nn.Module):
           history: float[B T H W 3] observation frames.
           text_tokens: float[B Lt Dl] sentence features.
           text_mask: bool[B Lt], True for real tokens; None = all valid.
-          z: float[B D] latent.
+          z: float[B Z] latent (Z = ``config.z_dim``).
 
         Returns:
           dict with scale float[B N L-1 1] (>= 0), direction float[B N L-1 2] (unit) and
           flow float[B N L 2] = query point followed by query + cumsum(scale * direction).
         """
         dims = shapes.check(query_points, "query_points", "B N 2", dtype="float")
-        dims = shapes.check(z, "z", f"B {self.config.hidden}", dims, dtype="float")
+        dims = shapes.check(z, "z", f"B {self.config.z_dim}", dims, dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
         img, lang = self.embed_context(history, text_tokens)
         return self._decode(query_points, img, lang, text_mask, z, history)
@@ -422,8 +438,8 @@ class FlowCVAE(nn.Module):
           official_std: sample with the official std exp(exp(0.5 logvar)) (parity only).
 
         Returns:
-          The union of :meth:`encode` and :meth:`decode` outputs plus z float[B D] (and, with
-          ``learned_prior``, prior_mu and prior_logvar float[B D]).
+          The union of :meth:`encode` and :meth:`decode` outputs plus z float[B Z] (and, with
+          ``learned_prior``, prior_mu and prior_logvar float[B Z]).
         """
         dims = shapes.check(flow, "flow", f"B N {self.config.flow_horizon} 2", dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
@@ -448,7 +464,7 @@ class FlowCVAE(nn.Module):
           official_std: use the official evaluation prior N(0, e^2) (parity only).
 
         Returns:
-          :meth:`decode`'s outputs plus z float[B D].
+          :meth:`decode`'s outputs plus z float[B Z].
         """
         dims = shapes.check(query_points, "query_points", "B N 2", dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)

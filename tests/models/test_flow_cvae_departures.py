@@ -170,3 +170,17 @@ def test_kl_warmup_ramps_the_kl_weight_from_zero():
     np.testing.assert_allclose(got, [0.0, 0.15, 0.3, 0.3], rtol=1e-6)
     assert float(kl_weight(c)) == pytest.approx(0.3)     # evaluation: the full weight
     assert float(kl_weight(CVAELossConfig(kl=0.3), 0)) == pytest.approx(0.3)  # official
+
+
+def test_a_narrow_latent_enters_the_decoder_through_a_projection():
+    m, params, flow, hist, text = _model(latent_dim=4, learned_prior=True)
+    out = m.apply({"params": params}, flow, hist, text, rngs={"latent": jax.random.key(0)})
+    assert out["z"].shape == out["z_mu"].shape == out["prior_mu"].shape == (B, 4)
+    assert params["latent_in"]["kernel"].shape == (4, 64)
+    s = m.apply({"params": params}, flow[:, :, 0], hist, text, rngs={"latent": jax.random.key(1)},
+                method=FlowCVAE.sample)
+    assert s["z"].shape == (B, 4) and s["flow"].shape == flow.shape
+    with pytest.raises(ValueError, match="z"):
+        m.apply({"params": params}, flow[:, :, 0], hist, text, None, jnp.zeros((B, 64)),
+                method=FlowCVAE.decode)
+    assert "latent_in" not in _model()[1]
