@@ -157,12 +157,8 @@ def test_invalid_observations_ignored_not_nan(noisy_scene):
     assert np.median(np.asarray(se3.rotation_error_deg(fit.transforms, noisy_scene.transforms))) < 0.5
 
 
-def test_jit_equals_eager_and_vmap_equals_loop(noisy_scene):
-    eager = _fit(noisy_scene)
-    jitted = jax.jit(lambda p, t, v: geometry.fit_rigid_sequence(
-        p, t, noisy_scene.K, visible=v, image_size=IMG))(
-        noisy_scene.points3d, noisy_scene.tracks, noisy_scene.visible)
-    np.testing.assert_allclose(jitted.transforms, eager.transforms, atol=1e-5)
+def test_batching_and_vmap_match_single_problems(noisy_scene):
+    # (fit_rigid_sequence is itself jitted, so there is no eager path to compare with.)
     # Without random hypotheses a sequence's result does not depend on its batch neighbours.
     cfg = geometry.FitConfig(num_hypotheses=0)
     batch = _fit(noisy_scene, cfg)
