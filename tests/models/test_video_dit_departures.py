@@ -110,20 +110,20 @@ def test_splat_carries_a_token_to_where_its_track_ends():
     np.testing.assert_allclose(moved[0, 0, 0], 0.0)   # nothing lands there
 
 
-def test_flow_splat_starts_silent_and_reads_the_flow_once_trained():
-    params, flow, run = _setup(flow_splat=True, flow_gate=True)
+@pytest.mark.parametrize("field", ["flow_splat", "flow_warp"])
+def test_flow_splat_and_warp_start_silent_and_read_the_flow_once_trained(field):
+    params, flow, run = _setup(**{field: True}, flow_gate=True)
     unit = flow / 8.0 - 1.0
     moved = unit.at[:, :, 1:].add(0.4)
     # Zero-initialised projection (and closed gates): the flow is invisible at init ...
     params = jax.tree_util.tree_map_with_path(
-        lambda p, v: jnp.zeros_like(v) if "flow_splat" in jax.tree_util.keystr(p) else v,
-        params)
+        lambda p, v: jnp.zeros_like(v) if field in jax.tree_util.keystr(p) else v, params)
     np.testing.assert_allclose(run(params, unit), run(params, moved), atol=1e-6)
-    # ... and visible through the splat alone once its projection is non-zero (random: a
-    # constant added to every channel would vanish in the next LayerNorm).
+    # ... and visible through the splat (warp) alone once its projection is non-zero
+    # (random: a constant added to every channel would vanish in the next LayerNorm).
     params = jax.tree_util.tree_map_with_path(
         lambda p, v: jax.random.normal(jax.random.key(2), v.shape)
-        if "flow_splat" in jax.tree_util.keystr(p) else v, params)
+        if field in jax.tree_util.keystr(p) else v, params)
     assert float(jnp.abs(run(params, unit) - run(params, moved)).max()) > 1e-3
 
 
@@ -148,17 +148,3 @@ def test_warp_moves_latents_finer_than_a_patch_and_fills_from_the_current_frame(
     np.testing.assert_allclose(out[0, 0, :, 1:, :3], current[0, :, :3], atol=1e-5)
     np.testing.assert_allclose(out[0, 0, :, 0, :3], current[0, :, 0], atol=1e-5)
     np.testing.assert_allclose(out[0, 0, :, 0, 3], 0.0, atol=1e-6)
-
-
-def test_flow_warp_starts_silent_and_reads_the_flow_once_trained():
-    params, flow, run = _setup(flow_warp=True, flow_gate=True)
-    unit = flow / 8.0 - 1.0
-    moved = unit.at[:, :, 1:].add(0.4)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, v: jnp.zeros_like(v) if "flow_warp" in jax.tree_util.keystr(p) else v,
-        params)
-    np.testing.assert_allclose(run(params, unit), run(params, moved), atol=1e-6)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, v: jax.random.normal(jax.random.key(2), v.shape)
-        if "flow_warp" in jax.tree_util.keystr(p) else v, params)
-    assert float(jnp.abs(run(params, unit) - run(params, moved)).max()) > 1e-3
