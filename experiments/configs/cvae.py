@@ -48,6 +48,7 @@ def cvae_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         relative_flow=False,  # the posterior reads start + displacements, not raw pixels
         learned_prior=False,  # p(z | observation, language) instead of N(0, I)
         latent_dim=0,  # Z; 0: the model width, as the official model
+        context_point_features=False,  # the point feature map pooled into the image tokens
     ))
     # The official recipe: AdamW at 1e-4, constant. The official global batch size was not
     # verified from the released configs; 64 is a placeholder to tune per device count.

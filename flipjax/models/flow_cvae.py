@@ -101,6 +101,9 @@ class CVAEConfig:
       latent_dim: Z, the latent's width, entering the decoder through a Linear(Z -> D); 0 =
         official, Z = D with no projection. A few dimensions suffice for the choice between a
         scene's motions, and 8 prior samples cover a low-dimensional prior far better.
+      context_point_features: the point feature map, averaged over each patch, is added to the
+        image tokens (through a Linear), so the encoder, the learned prior and the decoder's
+        context see the motion features the query points see (needs ``point_features``).
     """
 
     hidden: int = 384
@@ -120,6 +123,7 @@ class CVAEConfig:
     relative_flow: bool = False
     learned_prior: bool = False
     latent_dim: int = 0
+    context_point_features: bool = False
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> CVAEConfig:
@@ -158,6 +162,8 @@ class CVAEConfig:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch {self.patch}")
         if self.flow_horizon < 2:
             raise ValueError(f"flow_horizon must be >= 2, got {self.flow_horizon}")
+        if self.context_point_features and not self.point_features:
+            raise ValueError("context_point_features needs point_features > 0")
         if self.point_feature_layers < 1 or self.point_feature_dilation < 1:
             raise ValueError(f"point_feature_layers and point_feature_dilation must be >= 1, "
                              f"got {self.point_feature_layers}, {self.point_feature_dilation}")
@@ -248,6 +254,8 @@ class FlowCVAE(nn.Module):
                                                      layers=c.point_feature_layers,
                                                      dilation=c.point_feature_dilation)
             self.point_feature_encoder = dense(d, (None, "embed"), dtype=dt)
+        if c.context_point_features:
+            self.context_feature_encoder = dense(d, (None, "embed"), dtype=dt)
         if c.latent_to_queries:
             self.latent_to_query = dense(d, ("embed", "mlp"), dtype=dt)
         if c.learned_prior:
@@ -288,6 +296,11 @@ class FlowCVAE(nn.Module):
         stacked = einops.rearrange(history, "b t h w c -> b h w (t c)").astype(self.dtype)
         pos = jnp.asarray(sincos_2d(self.config.hidden, *self.config.grid), self.dtype)
         img = self.vision_encoder(stacked) + pos[None]
+        if self.config.context_point_features:
+            p = self.config.patch
+            pooled = einops.reduce(self.point_feature_map(stacked),
+                                   "b (h p) (w q) f -> b (h w) f", "mean", p=p, q=p)
+            img = img + self.context_feature_encoder(pooled)
         return img, self.language_encoder(text_tokens.astype(self.dtype))
 
     def _run(self, layers: list[PostLNEncoderLayer], prefix: Array, img: Array, lang: Array,

@@ -184,3 +184,21 @@ def test_a_narrow_latent_enters_the_decoder_through_a_projection():
         m.apply({"params": params}, flow[:, :, 0], hist, text, None, jnp.zeros((B, 64)),
                 method=FlowCVAE.decode)
     assert "latent_in" not in _model()[1]
+
+
+def test_context_point_features_reach_the_image_tokens():
+    def token_change(**kw):
+        m, params, _, hist, text = _model(point_features=8, **kw)
+        img, _ = m.apply({"params": params}, hist, text, method=FlowCVAE.embed_context)
+        # Pixel (row 20, col 17) lies in patch (2, 2); the 5 px feature map carries it into
+        # patch (2, 1) (columns 8-15), which the patch embedding alone never sees.
+        img2, _ = m.apply({"params": params}, hist.at[:, :, 20, 17].add(0.5), text,
+                          method=FlowCVAE.embed_context)
+        return np.abs(np.asarray(img2 - img)).max(-1)[0], params
+    on, params = token_change(context_point_features=True)
+    off, p0 = token_change()
+    assert on[10] > 1e-4 and off[10] > 1e-4
+    assert on[9] > 1e-4 and off[9] == 0.0
+    assert set(params) - set(p0) == {"context_feature_encoder"}
+    with pytest.raises(ValueError, match="context_point_features"):
+        CVAEConfig.variant("tiny", context_point_features=True).validate()
