@@ -30,8 +30,10 @@ def test_overrides_reach_the_module_configs(arg, tmp_path):
     assert (cvae.model.point_features, cvae.model.unit_coords, cvae.model.latent_to_queries) \
         == (32, True, True)
     assert (cvae.loss.up_weight, cvae.loss.kl, cvae.loss.kl_batch_sum, cvae.loss.robust_kl) \
-        == (1.0, 0.32, False, False)
+        == (1.0, 0.1, False, False)
     assert (cvae.model.point_feature_layers, cvae.model.point_feature_dilation) == (4, 2)
+    assert (cvae.model.relative_flow, cvae.model.learned_prior, cvae.model.latent_dim,
+            cvae.model.context_point_features) == (True, True, 4, True)
     assert (cvae.num_points, cvae.moving_fraction, cvae.learning_rate, cvae.schedule,
             cvae.batch_size) == (64, 0.5, 1e-3, "cosine", 16)
     assert cvae.loss.direction == 10.0  # fields the file does not set keep the module's
