@@ -76,6 +76,9 @@ def dit_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
     c.diffusion_steps = 1000
     c.noise_schedule = "linear"  # or "cosine"
     c.flow_normalization = "pixels"  # the official flow units; or "unit" (see flipjax/codec.py)
+    # What the output predicts: "eps" (official), "x0" (a departure: on the DiT ladder it takes
+    # the samples from 2.2 dB below copying to copying, docs/LEARNING.md) or "v".
+    c.prediction = "eps"
     # Classifier-free guidance: probability of training a sample with the null condition.
     # The official recipe has none (0); sampling.guided needs it > 0 (e.g. 0.1).
     c.cond_dropout = 0.0

@@ -116,10 +116,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         loss=dict(up_weight=1.0, kl=0.1, kl_batch_sum=False, robust_kl=False),
     ))
     # Dynamics module on the pixel codec (factor 4: 8x8x48 latents, patch 1, as :runlocal;
-    # docs/LEARNING.md found factor 2 fits the tiny model better at about 3x the cost).
+    # docs/LEARNING.md found factor 2 fits the tiny model better at about 3x the cost). The
+    # flow splat and x0 prediction: on the DiT ladder the samples reach copying (21.1 dB
+    # against 18.9 with eps) and the moving pixels score 1.3 dB higher with the true flow.
     c.dit = ml_collections.ConfigDict(dict(
         total_steps=steps("dit"), eval_every=every("dit", 3), batch_size=8,
-        learning_rate=1e-3, schedule="cosine", flow_normalization="unit",
+        learning_rate=1e-3, schedule="cosine", flow_normalization="unit", prediction="x0",
         eval_sample_steps=4 if quick else 50, eval_batches=1 if quick else 4,
         codec=dict(factor=4),
         model=dict(flow_splat=True),

@@ -150,7 +150,8 @@ def conditions(batch: dict[str, jax.Array], image_size: tuple[int, int],
 
 def diffusion_terms(model: VideoDiT, schedule: diffusion.Schedule, params: PyTree,
                     latents: jax.Array, flow: jax.Array, text_tokens: jax.Array,
-                    text_mask: jax.Array, rng: jax.Array) -> dict[str, jax.Array]:
+                    text_mask: jax.Array, rng: jax.Array,
+                    prediction: str = "eps") -> dict[str, jax.Array]:
     """Per-sample IDDPM losses of one noising of ``latents`` float[B T h w C].
 
     Returns:
@@ -164,7 +165,21 @@ def diffusion_terms(model: VideoDiT, schedule: diffusion.Schedule, params: PyTre
         return model.apply({"params": params}, x, timesteps, flow, text_tokens, text_mask)
 
     return diffusion.model_losses(model_fn, schedule, latents, t, noise,
-                                  history=model.history, learned_range=model.learn_sigma)
+                                  history=model.history, learned_range=model.learn_sigma,
+                                  prediction=prediction)
+
+
+def prediction_of(config: ml_collections.ConfigDict) -> str:
+    """``config.prediction``: what the DiT's output predicts, "eps" (official), "x0" or "v".
+
+    Raises:
+      ValueError: another value.
+    """
+    prediction = str(config.get("prediction", "eps"))
+    if prediction not in diffusion.PREDICTIONS:
+        raise ValueError(f"prediction must be one of {diffusion.PREDICTIONS}, got "
+                         f"{prediction!r}")
+    return prediction
 
 
 def make_loss_fn(model: VideoDiT, schedule: diffusion.Schedule,
@@ -173,6 +188,7 @@ def make_loss_fn(model: VideoDiT, schedule: diffusion.Schedule,
     image_size = tuple(int(s) for s in config.image_size)
     normalization = str(config.flow_normalization)
     p_drop = float(config.cond_dropout)
+    prediction = prediction_of(config)
     if not 0.0 <= p_drop < 1.0:
         raise ValueError(f"cond_dropout must be in [0, 1), got {p_drop}")
 
@@ -184,7 +200,7 @@ def make_loss_fn(model: VideoDiT, schedule: diffusion.Schedule,
             drop = jax.random.bernoulli(drop_rng, p_drop, flow.shape[:1])
             flow, text, mask = flow_conditioning.drop_conditions(flow, text, mask, drop)
         terms = diffusion_terms(model, schedule, params, batch["latents"], flow, text, mask,
-                                rng)
+                                rng, prediction)
         return jnp.mean(terms["loss"]), {"mse": jnp.mean(terms["mse"]),
                                          "vb": jnp.mean(terms["vb"])}
 
@@ -260,13 +276,15 @@ def make_eval_step(model: VideoDiT, schedule: diffusion.Schedule,
     sample_schedule = diffusion.respace(schedule, steps)
     eta = float(config.eval_ddim_eta)
     n_hist = model.history
+    prediction = prediction_of(config)
 
     def eval_step(params: PyTree, codec: LatentCodec, batch: dict[str, jax.Array],
                   rng: jax.Array) -> dict[str, jax.Array]:
         x0 = batch["latents"]
         flow, text, mask = conditions(batch, image_size, normalization)
         loss_rng, sample_rng = jax.random.split(rng)
-        terms = diffusion_terms(model, schedule, params, x0, flow, text, mask, loss_rng)
+        terms = diffusion_terms(model, schedule, params, x0, flow, text, mask, loss_rng,
+                                prediction)
         cond = model.apply({"params": params}, flow, text, mask,
                            method=VideoDiT.encode_conditions)
         history = x0[:, :n_hist]
@@ -279,7 +297,7 @@ def make_eval_step(model: VideoDiT, schedule: diffusion.Schedule,
 
             return sampling.ddim_sample(model_fn, sample_schedule, sample_rng, future.shape,
                                         eta=eta, learned_range=model.learn_sigma,
-                                        clip_x0=clip_x0)
+                                        clip_x0=clip_x0, prediction=prediction)
 
         pred = sample(cond)
         # Same noise, every track held at its query point: a model that ignores its flow

@@ -150,7 +150,8 @@ def _last(frames: Array, n: int, name: str) -> Array:
 def world_model_from_modules(*, cvae: FlowCVAE, cvae_params: PyTree, dit: VideoDiT,
                              dit_params: PyTree, codec: LatentCodec, value: ValueModel,
                              value_params: PyTree, image_size: tuple[int, int],
-                             flow_normalization: str = "pixels") -> WorldModel:
+                             flow_normalization: str = "pixels",
+                             prediction: str = "eps") -> WorldModel:
     """The planner's world model of trained Linen modules.
 
     Args:
@@ -164,6 +165,7 @@ def world_model_from_modules(*, cvae: FlowCVAE, cvae_params: PyTree, dit: VideoD
         to its input size.
       image_size: (H, W) of the frames the modules were trained on.
       flow_normalization: the DiT trainer's ``flow_normalization``.
+      prediction: what the DiT's output predicts, its trainer's ``prediction`` ("eps").
 
     Returns:
       The :class:`WorldModel` (``history_frames`` = the most history any module needs).
@@ -225,7 +227,7 @@ def world_model_from_modules(*, cvae: FlowCVAE, cvae_params: PyTree, dit: VideoD
         propose=propose, encode_conditions=encode_conditions, denoise=denoise, encode=encode,
         decode=decode, value=value_fn, null_conditions=null_conditions,
         action_params=cvae_params, dynamics_params=dit_params, codec_params=codec,
-        value_params=value_params, learned_range=bool(dit.learn_sigma), prediction="eps",
+        value_params=value_params, learned_range=bool(dit.learn_sigma), prediction=prediction,
         value_frames=clip_len, history_frames=max(n_cvae, n_dit, clip_len - 1),
         latent_history_frames=n_dit)
 
@@ -336,5 +338,6 @@ def world_model_from_checkpoints(action: str | Path, dynamics: str | Path, value
         codec=frame_codec, value=builders.build_value(configs["value"]),
         value_params=params(value, configs["value"]),
         image_size=tuple(int(s) for s in dyn.image_size),
-        flow_normalization=str(dyn.flow_normalization))
+        flow_normalization=str(dyn.flow_normalization),
+        prediction=str(dyn.get("prediction", "eps")))
     return world, builders.build_schedule(dyn)

@@ -179,3 +179,27 @@ def test_trains_on_a_saved_autoencoder_checkpoint(toy_dirs, tmp_path):
     codec = builders.build_codec(c)
     assert codec.kind == "autoencoder" and codec.latent_shape((32, 32)) == (8, 8, 48)
     assert codec.scale == pytest.approx(0.18215)
+
+
+def test_prediction_reaches_the_loss_and_bad_values_are_refused():
+    import ml_collections
+
+    from flipjax.models import diffusion
+    from flipjax.models.video_dit import VideoDiT
+    m = VideoDiT.variant("tiny", latent_size=(4, 4), in_channels=4, flow_horizon=3, history=2,
+                         text_dim=8, text_layers=1, text_heads=2)
+    latents = jnp.full((2, m.num_frames, 4, 4, 4), 3.0)
+    flow = jnp.zeros((2, 5, 3, 2))
+    text, mask = jnp.zeros((2, 3, 8)), jnp.ones((2, 3), bool)
+    params = nn.unbox(m.init(jax.random.key(0), latents, jnp.zeros((2,), jnp.int32), flow,
+                             text, mask))["params"]
+    schedule = diffusion.linear_schedule(1000)
+    # adaLN-Zero: the untrained DiT outputs 0, so the MSE is E[noise^2] = 1 against eps and
+    # E[x0^2] = 9 against x0.
+    mse = {p: float(jnp.mean(dit.diffusion_terms(m, schedule, params, latents, flow, text, mask,
+                                                 jax.random.key(1), p)["mse"]))
+           for p in ("eps", "x0")}
+    assert 0.6 < mse["eps"] < 1.4 and mse["x0"] == pytest.approx(9.0, rel=1e-3)
+    assert dit.prediction_of(ml_collections.ConfigDict()) == "eps"
+    with pytest.raises(ValueError, match="prediction"):
+        dit.prediction_of(ml_collections.ConfigDict({"prediction": "score"}))
