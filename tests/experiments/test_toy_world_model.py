@@ -38,7 +38,7 @@ def test_overrides_reach_the_module_configs(arg, tmp_path):
             cvae.batch_size) == (64, 0.5, 1e-3, "cosine", 16)
     assert cvae.loss.direction == 10.0  # fields the file does not set keep the module's
     dit = resolved(c, "dit", tmp_path)
-    assert (dit.codec.kind, dit.flow_normalization, dit.model.flow_splat, dit.schedule,
+    assert (dit.codec.kind, dit.flow_normalization, dit.model.flow_warp, dit.schedule,
             dit.batch_size, dit.prediction) == ("pixels", "unit", True, "cosine", 8, "x0")
     value = resolved(c, "value", tmp_path)
     assert (value.loss.success_ranking, value.loss.infonce, value.model.patch,
