@@ -59,6 +59,9 @@ def dit_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         # True: future tokens also get the current tokens carried along the tracks (a
         # departure; needs flow_normalization="unit")
         flow_splat=False,
+        # True: future tokens also get the current latents warped along the tracks at latent
+        # resolution (a departure; needs flow_normalization="unit")
+        flow_warp=False,
     ))
     c.image_size = (128, 128)  # frames (H, W) of the clips; clips from build_clips --grid 23
     c.remat = False  # rematerialise every DiT block in the backward pass

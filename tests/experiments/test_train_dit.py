@@ -129,6 +129,13 @@ def test_configs_build_with_the_recipe(module, size, hidden):
     local_model = builders.build_dit(local, codec)
     assert local_model.hidden == 64 and local_model.latent_size == (8, 8)
     assert local_model.num_frames == 5 and dit.clip_spec(local).future == 3
+    # Every departure flag of the config reaches the module (off by default).
+    assert not any((local_model.flow_gate, local_model.flow_splat, local_model.flow_warp))
+    with local.unlocked():
+        for field in ("flow_gate", "flow_splat", "flow_warp"):
+            local.model[field] = True
+    flagged = builders.build_dit(local, codec)
+    assert flagged.flow_gate and flagged.flow_splat and flagged.flow_warp
     with pytest.raises(ValueError, match="runlocal"):
         module.get_config("fast")
 
