@@ -134,6 +134,7 @@ def test_cvae_trains_checkpoints_and_resumes_on_real_clips(bridge_clips, tmp_pat
     assert records[-1]["loss"] < records[0]["loss"]
 
 
+@pytest.mark.slow  # covered by the CVAE run on the same real clips and the DiT trainer's toy run
 def test_dit_trains_and_checkpoints_on_real_clips(bridge_clips, tmp_path):
     clips_dir, _ = bridge_clips
     workdir = tmp_path / "dit"
