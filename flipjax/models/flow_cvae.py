@@ -162,6 +162,8 @@ class CVAEConfig:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch {self.patch}")
         if self.flow_horizon < 2:
             raise ValueError(f"flow_horizon must be >= 2, got {self.flow_horizon}")
+        if self.latent_dim < 0:
+            raise ValueError(f"latent_dim must be >= 0 (0: the model width), got {self.latent_dim}")
         if self.context_point_features and not self.point_features:
             raise ValueError("context_point_features needs point_features > 0")
         if self.point_feature_layers < 1 or self.point_feature_dilation < 1:
@@ -241,8 +243,7 @@ class FlowCVAE(nn.Module):
                         for _ in range(c.encoder_layers)]
         self.decoder = [PostLNEncoderLayer(c.num_heads, d, dtype=dt)
                         for _ in range(c.decoder_layers)]
-        # A narrower latent is not sharded (None): a few columns do not split over devices.
-        z_axes = ("embed", None) if c.latent_dim else ("embed", "mlp")
+        z_axes = ("embed", None) if c.latent_dim else ("embed", "mlp")  # a few columns: unsplit
         self.z_mu = dense(c.z_dim, z_axes, dtype=dt)
         self.z_logvar = dense(c.z_dim, z_axes, dtype=dt)
         if c.latent_dim:
@@ -292,16 +293,26 @@ class FlowCVAE(nn.Module):
           (float[B P D] image tokens, float[B Lt D] language tokens).
         """
         self._check_context(history, text_tokens, None, {})
+        return self._embed(history, text_tokens)[:2]
+
+    def _feature_map(self, history: Array) -> Array | None:
+        """float32[B H W F] point features of the history, or None without them."""
+        stacked = einops.rearrange(history, "b t h w c -> b h w (t c)").astype(self.dtype)
+        return (self.point_feature_map(stacked).astype(jnp.float32)
+                if self.config.point_features else None)
+
+    def _embed(self, history: Array, text_tokens: Array) -> tuple[Array, Array, Array | None]:
+        """(image, language tokens, point feature map): the map once for context and queries."""
+        fmap = self._feature_map(history)
         # (t c) channel order: the official model stacks frames with 'b t c h w -> b (t c) h w'.
         stacked = einops.rearrange(history, "b t h w c -> b h w (t c)").astype(self.dtype)
         pos = jnp.asarray(sincos_2d(self.config.hidden, *self.config.grid), self.dtype)
         img = self.vision_encoder(stacked) + pos[None]
         if self.config.context_point_features:
             p = self.config.patch
-            pooled = einops.reduce(self.point_feature_map(stacked),
-                                   "b (h p) (w q) f -> b (h w) f", "mean", p=p, q=p)
-            img = img + self.context_feature_encoder(pooled)
-        return img, self.language_encoder(text_tokens.astype(self.dtype))
+            pooled = einops.reduce(fmap, "b (h p) (w q) f -> b (h w) f", "mean", p=p, q=p)
+            img = img + self.context_feature_encoder(pooled.astype(self.dtype))
+        return img, self.language_encoder(text_tokens.astype(self.dtype)), fmap
 
     def _run(self, layers: list[PostLNEncoderLayer], prefix: Array, img: Array, lang: Array,
              text_mask: Array | None) -> Array:
@@ -320,9 +331,8 @@ class FlowCVAE(nn.Module):
     # Encoder / decoder on embedded context
     # --------------------------------------------------------------------------------------
 
-    def _unit(self, points: Array) -> Array:
-        size = jnp.asarray([self.config.img_size[1] - 1, self.config.img_size[0] - 1],
-                           jnp.float32)
+    def _unit(self, points: Array) -> Array:  # pixels -> [-1, 1] over the frame
+        size = jnp.asarray(self.config.img_size[::-1], jnp.float32) - 1.0  # (W-1, H-1)
         return 2.0 * points.astype(jnp.float32) / size - 1.0
 
     def _encode(self, flow: Array, img: Array, lang: Array,
@@ -357,30 +367,30 @@ class FlowCVAE(nn.Module):
         return (self.prior_mu(h).astype(jnp.float32),
                 jnp.clip(self.prior_logvar(h).astype(jnp.float32), -10.0, 10.0))
 
-    def _query_tokens(self, query_points: Array, history: Array, z: Array) -> Array:
+    def _query_tokens(self, query_points: Array, history: Array, z: Array,
+                      fmap: Array | None = None) -> Array:
         c = self.config
         coords = query_points.astype(jnp.float32)
         if c.unit_coords:
             coords = self._unit(coords)
         q = self.query_point_encoder(coords.astype(self.dtype))
         if c.point_features:
-            stacked = einops.rearrange(history, "b t h w c -> b h w (t c)").astype(self.dtype)
-            fmap = self.point_feature_map(stacked)
+            fmap = self._feature_map(history) if fmap is None else fmap
             sampled = jax.vmap(lambda f, p: bilinear_sample(f, p)[0])(
-                fmap.astype(jnp.float32), query_points.astype(jnp.float32))
+                fmap, query_points.astype(jnp.float32))
             q = q + self.point_feature_encoder(sampled.astype(self.dtype))
         if c.latent_to_queries:
             q = q + self.latent_to_query(z.astype(self.dtype))[:, None]
         return q
 
     def _decode(self, query_points: Array, img: Array, lang: Array, text_mask: Array | None,
-                z: Array, history: Array) -> dict[str, Array]:
+                z: Array, history: Array, fmap: Array | None = None) -> dict[str, Array]:
         b, n, _ = query_points.shape
         lh = self.config.flow_horizon
         z = z.astype(self.dtype)
         if self.config.latent_dim:
             z = self.latent_in(z)
-        q = self._query_tokens(query_points, history, z)
+        q = self._query_tokens(query_points, history, z, fmap)
         prefix = jnp.concatenate([z[:, None], q], axis=1)
         h = self._run(self.decoder, prefix, img, lang, text_mask)[:, 1:1 + n]
         # The heads predict L steps; the last one has no successor and is dropped (official).
@@ -434,8 +444,8 @@ class FlowCVAE(nn.Module):
         dims = shapes.check(query_points, "query_points", "B N 2", dtype="float")
         dims = shapes.check(z, "z", f"B {self.config.z_dim}", dims, dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
-        img, lang = self.embed_context(history, text_tokens)
-        return self._decode(query_points, img, lang, text_mask, z, history)
+        img, lang, fmap = self._embed(history, text_tokens)
+        return self._decode(query_points, img, lang, text_mask, z, history, fmap)
 
     def __call__(self, flow: Array, history: Array, text_tokens: Array,
                  text_mask: Array | None = None, *,
@@ -456,13 +466,14 @@ class FlowCVAE(nn.Module):
         """
         dims = shapes.check(flow, "flow", f"B N {self.config.flow_horizon} 2", dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
-        img, lang = self.embed_context(history, text_tokens)
+        img, lang, fmap = self._embed(history, text_tokens)
         post = self._encode(flow, img, lang, text_mask)
         eps = jax.random.normal(self.make_rng("latent"), post["z_mu"].shape, jnp.float32)
         z = post["z_mu"] + latent_std(post["z_logvar"], official_std) * eps
         if self.config.learned_prior:
             post["prior_mu"], post["prior_logvar"] = self._prior(img, lang, text_mask)
-        return {**post, "z": z, **self._decode(flow[:, :, 0], img, lang, text_mask, z, history)}
+        dec = self._decode(flow[:, :, 0], img, lang, text_mask, z, history, fmap)
+        return {**post, "z": z, **dec}
 
     def sample(self, query_points: Array, history: Array, text_tokens: Array,
                text_mask: Array | None = None, *,
@@ -481,8 +492,8 @@ class FlowCVAE(nn.Module):
         """
         dims = shapes.check(query_points, "query_points", "B N 2", dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
-        img, lang = self.embed_context(history, text_tokens)
+        img, lang, fmap = self._embed(history, text_tokens)
         mu, logvar = self._prior(img, lang, text_mask)
         z = mu + latent_std(logvar, official_std) * jax.random.normal(
             self.make_rng("latent"), mu.shape)
-        return {"z": z, **self._decode(query_points, img, lang, text_mask, z, history)}
+        return {"z": z, **self._decode(query_points, img, lang, text_mask, z, history, fmap)}

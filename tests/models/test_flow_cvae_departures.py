@@ -184,6 +184,8 @@ def test_a_narrow_latent_enters_the_decoder_through_a_projection():
         m.apply({"params": params}, flow[:, :, 0], hist, text, None, jnp.zeros((B, 64)),
                 method=FlowCVAE.decode)
     assert "latent_in" not in _model()[1]
+    with pytest.raises(ValueError, match="latent_dim"):
+        CVAEConfig.variant("tiny", latent_dim=-1).validate()
 
 
 def test_context_point_features_reach_the_image_tokens():
