@@ -144,7 +144,8 @@ def build_dit(config: Config, codec: LatentCodec) -> VideoDiT:
         flow_attention=str(m.flow_attention), flow_gate=bool(m.get("flow_gate", False)),
         flow_embedding=str(m.get("flow_embedding", "mlp")),
         flow_splat=bool(m.get("flow_splat", False)),
-        flow_warp=bool(m.get("flow_warp", False)), remat=bool(config.remat),
+        flow_warp=bool(m.get("flow_warp", False)),
+        flow_residual=bool(m.get("flow_residual", False)), remat=bool(config.remat),
         dtype=_dtype(config))
 
 

@@ -62,6 +62,9 @@ def dit_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         # True: future tokens also get the current latents warped along the tracks at latent
         # resolution (a departure; needs flow_normalization="unit")
         flow_warp=False,
+        # True: with prediction="x0", the future frames' prediction is that warp plus the
+        # network's output (a departure; needs flow_normalization="unit")
+        flow_residual=False,
     ))
     c.image_size = (128, 128)  # frames (H, W) of the clips; clips from build_clips --grid 23
     c.remat = False  # rematerialise every DiT block in the backward pass

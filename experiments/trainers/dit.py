@@ -179,6 +179,9 @@ def prediction_of(config: ml_collections.ConfigDict) -> str:
     if prediction not in diffusion.PREDICTIONS:
         raise ValueError(f"prediction must be one of {diffusion.PREDICTIONS}, got "
                          f"{prediction!r}")
+    if bool(config.get("model", {}).get("flow_residual", False)) and prediction != "x0":
+        raise ValueError(f"model.flow_residual offsets an x0 prediction by the warp; it needs "
+                         f"prediction='x0', got {prediction!r}")
     return prediction
 
 

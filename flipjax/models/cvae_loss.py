@@ -52,6 +52,11 @@ class CVAELossConfig:
         steps (KL annealing, Bowman et al. 2016, a departure; 0: official, full weight from
         the start). A latent that the decoder has learnt to read survives the KL, where a full
         KL from step 0 keeps the decoder on the no-motion answer.
+      prior_kl: with a learned prior, the weight of the KL's pull on the prior, split from the
+        pull on the posterior (KL balancing, Hafner et al. 2021, a departure): the posterior
+        sees ``kl`` * KL(q || sg(p)) and the prior ``prior_kl`` * KL(sg(q) || p), so the prior
+        can chase the posterior hard without squeezing the motion out of the latent. Negative
+        (default): one KL term at weight ``kl`` pulling both.
     """
 
     direction: float = 10.0
@@ -66,6 +71,7 @@ class CVAELossConfig:
     robust_kl: bool = True
     free_nats: float = 0.0
     kl_warmup_steps: int = 0
+    prior_kl: float = -1.0
 
 
 def _safe_norm(x: Array) -> Array:
@@ -214,6 +220,19 @@ def kl_weight(config: CVAELossConfig, step: Array | int | None = None) -> Array:
     return config.kl * jnp.clip(ramp, 0.0, 1.0)
 
 
+def _kl_objective(outputs: dict[str, Array], prior: tuple[Array, Array] | None, kl: Array,
+                  c: CVAELossConfig, step: Array | int | None) -> Array:
+    """The weighted KL term: one term, or balanced halves with ``prior_kl`` >= 0."""
+    if prior is None or c.prior_kl < 0:
+        return kl_weight(c, step) * kl
+    sg = jax.lax.stop_gradient
+    mu, logvar = outputs["z_mu"], outputs["z_logvar"]
+    to_posterior = kl_loss(mu, logvar, c.kl_batch_sum, c.robust_kl, c.free_nats,
+                           (sg(prior[0]), sg(prior[1])))
+    to_prior = kl_loss(sg(mu), sg(logvar), c.kl_batch_sum, c.robust_kl, c.free_nats, prior)
+    return kl_weight(c, step) * to_posterior + c.prior_kl * to_prior
+
+
 def cvae_loss(outputs: dict[str, Array], gt_flow: Array, history: Array, patch: int,
               config: CVAELossConfig = CVAELossConfig(),
               step: Array | int | None = None) -> dict[str, Array]:
@@ -249,6 +268,6 @@ def cvae_loss(outputs: dict[str, Array], gt_flow: Array, history: Array, patch: 
         "flow_recon": jnp.mean((outputs["flow_output"] - gt_flow) ** 2),
     }
     total = (c.direction * terms["direction"] + c.scale * terms["scale"]
-             + kl_weight(c, step) * terms["kl"]
+             + _kl_objective(outputs, prior, terms["kl"], c, step)
              + c.ade * terms["ade"] + c.aux * (terms["img_recon"] + terms["flow_recon"]))
     return {"loss": total, **terms}

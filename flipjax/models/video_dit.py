@@ -282,6 +282,9 @@ class VideoDiT(nn.Module):
         forward-warped along the tracks at latent resolution (:func:`warp_latents`, finer than
         a patch), patchified and added to each future frame's tokens through a
         zero-initialised projection: the frame the flow predicts, for the model to correct.
+      flow_residual: a departure for x0 prediction (flows in unit coordinates): the future
+        frames' output is the warp above plus the network's output, so an untrained model
+        predicts the warped current frame and training learns the correction.
     """
 
     hidden: int = 384
@@ -305,6 +308,7 @@ class VideoDiT(nn.Module):
     flow_embedding: str = "mlp"
     flow_splat: bool = False
     flow_warp: bool = False
+    flow_residual: bool = False
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> VideoDiT:
@@ -382,7 +386,7 @@ class VideoDiT(nn.Module):
         tokens = self.flow_embedder(flow)
         flow_kv = tuple(blk.flow_keys_values(tokens) for blk in self.blocks)
         cells = None
-        if self.flow_splat or self.flow_warp:
+        if self.flow_splat or self.flow_warp or self.flow_residual:
             hp, wp = (n // self.patch for n in self.latent_size)
             cells = unit_to_cells(flow.astype(jnp.float32), (hp, wp))
         return Conditions(language=language, flow_kv=flow_kv, flow_tokens=tokens,
@@ -429,8 +433,10 @@ class VideoDiT(nn.Module):
 
         if self.flow_splat:
             tokens = tokens + self._splat(tokens, cond.flow_cells, (hp, wp))
+        warped = self._warped(x, cond.flow_cells) if self.flow_warp or self.flow_residual \
+            else None
         if self.flow_warp:
-            tokens = tokens + self._warp(x, cond.flow_cells)
+            tokens = tokens + self._warp(warped)
         c_vec = self.t_embedder(t) + cond.language
         for i in range(0, self.depth, 2):
             tokens = self.blocks[i](tokens, c_vec, cond.flow_kv[i], cond.flow_tokens)  # B T P D
@@ -440,8 +446,12 @@ class VideoDiT(nn.Module):
             tokens = rearrange(tokens, "b p t d -> b t p d")
         y = self.final_layer(tokens, c_vec)
         y = rearrange(y, "b t (h w) (p q c) -> b t (h p) (w q) c", h=hp, p=self.patch,
-                      q=self.patch)
-        return y[:, n_hist:].astype(jnp.float32)
+                      q=self.patch).astype(jnp.float32)
+        if self.flow_residual:
+            anchor = jnp.concatenate([jnp.zeros_like(x[:, :self.history], jnp.float32),
+                                      warped[..., :c]], axis=1)
+            y = y.at[..., :c].add(anchor)
+        return y[:, n_hist:]
 
     def _splat(self, tokens: Array, cells: Array, grid: tuple[int, int]) -> Array:
         """float[B T P D] additions: zero on the history, the projected splat on the futures."""
@@ -454,12 +464,17 @@ class VideoDiT(nn.Module):
         return jnp.concatenate([jnp.zeros((b, self.history, add.shape[2], d), add.dtype), add],
                                axis=1)
 
-    def _warp(self, x: Array, cells: Array | None) -> Array:
-        """float[B T P D] additions: zero on the history, the projected warp on the futures."""
+    def _warped(self, x: Array, cells: Array | None) -> Array:
+        """float32[B Lf-1 h w (C+1)]: the current latents warped along the tracks (with the
+        deposited weight), one per future frame."""
         if cells is None:
-            raise ValueError("flow_warp needs Conditions.flow_cells (encode_conditions)")
-        b = x.shape[0]
-        warped = warp_latents(x[:, self.history - 1], cells, self.patch)   # B K h w (C+1)
+            raise ValueError("flow_warp / flow_residual need Conditions.flow_cells "
+                             "(encode_conditions)")
+        return warp_latents(x[:, self.history - 1], cells, self.patch)
+
+    def _warp(self, warped: Array) -> Array:
+        """float[B T P D] additions: zero on the history, the projected warp on the futures."""
+        b = warped.shape[0]
         patches = rearrange(warped, "b k (h p) (w q) c -> b k (h w) (p q c)", p=self.patch,
                             q=self.patch)
         add = self.warp_proj(patches.astype(self.dtype))

@@ -210,3 +210,14 @@ def test_prediction_reaches_the_loss_and_bad_values_are_refused():
     assert dit.prediction_of(ml_collections.ConfigDict()) == "eps"
     with pytest.raises(ValueError, match="prediction"):
         dit.prediction_of(ml_collections.ConfigDict({"prediction": "score"}))
+
+
+def test_flow_residual_needs_x0_prediction():
+    import ml_collections
+
+    from experiments.trainers.dit import prediction_of
+    c = ml_collections.ConfigDict({"prediction": "eps", "model": {"flow_residual": True}})
+    with pytest.raises(ValueError, match="flow_residual"):
+        prediction_of(c)
+    c.prediction = "x0"
+    assert prediction_of(c) == "x0"

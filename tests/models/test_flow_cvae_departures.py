@@ -172,6 +172,36 @@ def test_kl_warmup_ramps_the_kl_weight_from_zero():
     assert float(kl_weight(CVAELossConfig(kl=0.3), 0)) == pytest.approx(0.3)  # official
 
 
+def test_kl_balancing_splits_the_pull_on_the_posterior_and_the_prior():
+    from flipjax.models.cvae_loss import CVAELossConfig, _kl_objective, kl_loss
+    rng = np.random.default_rng(3)
+    q = [jnp.asarray(rng.normal(size=(4, 3)), jnp.float32) for _ in range(2)]
+    p = [jnp.asarray(rng.normal(size=(4, 3)), jnp.float32) for _ in range(2)]
+
+    def grads(c):
+        def f(q, p):
+            out = {"z_mu": q[0], "z_logvar": q[1]}
+            kl = kl_loss(q[0], q[1], c.kl_batch_sum, c.robust_kl, prior=tuple(p))
+            return _kl_objective(out, tuple(p), kl, c, None)
+        return jax.grad(f, argnums=(0, 1))(q, p)
+
+    plain_q, plain_p = grads(CVAELossConfig(kl=0.1, robust_kl=False))
+    # Equal weights: the plain term's gradients on both sides.
+    even_q, even_p = grads(CVAELossConfig(kl=0.1, prior_kl=0.1, robust_kl=False))
+    for a, b in zip(plain_q + plain_p, even_q + even_p, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # The prior's pull scales alone; the posterior's does not move.
+    bal_q, bal_p = grads(CVAELossConfig(kl=0.1, prior_kl=1.0, robust_kl=False))
+    for a, b in zip(plain_q, bal_q, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(plain_p, bal_p, strict=True):
+        np.testing.assert_allclose(10.0 * a, b, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(plain_p[0]).max()) > 1e-3
+    # prior_kl 0: the prior is left alone.
+    _, none_p = grads(CVAELossConfig(kl=0.1, prior_kl=0.0, robust_kl=False))
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in none_p)
+
+
 def test_a_narrow_latent_enters_the_decoder_through_a_projection():
     m, params, flow, hist, text = _model(latent_dim=4, learned_prior=True)
     out = m.apply({"params": params}, flow, hist, text, rngs={"latent": jax.random.key(0)})

@@ -148,3 +148,24 @@ def test_warp_moves_latents_finer_than_a_patch_and_fills_from_the_current_frame(
     np.testing.assert_allclose(out[0, 0, :, 1:, :3], current[0, :, :3], atol=1e-5)
     np.testing.assert_allclose(out[0, 0, :, 0, :3], current[0, :, 0], atol=1e-5)
     np.testing.assert_allclose(out[0, 0, :, 0, 3], 0.0, atol=1e-6)
+
+
+def test_flow_residual_starts_at_the_warped_current_frame():
+    from flipjax.models.flow_tokens import unit_to_cells, warp_latents
+    m = VideoDiT.variant("tiny", latent_size=(4, 4), in_channels=4, flow_horizon=3, history=2,
+                         text_dim=8, text_layers=1, text_heads=2, learn_sigma=False,
+                         flow_residual=True)
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(B, m.num_frames, 4, 4, 4)), jnp.float32)
+    flow = jnp.asarray(rng.uniform(-0.9, 0.9, (B, N, 3, 2)), jnp.float32)
+    text, mask = jnp.asarray(rng.normal(size=(B, 3, 8)), jnp.float32), jnp.ones((B, 3), bool)
+    t = jnp.asarray([3, 500])
+    params = nn.unbox(m.init(jax.random.key(0), x, t, flow, text, mask))
+    out = m.apply(params, x, t, flow, text, mask)
+    # adaLN-Zero: the untrained network adds nothing, so the x0 prediction is the warp of the
+    # current frame on the futures (whatever the noisy input) and zero on the history.
+    want = warp_latents(x[:, 1], unit_to_cells(flow, (2, 2)), m.patch)[..., :4]
+    np.testing.assert_allclose(out[:, 2:], want, atol=1e-5)
+    np.testing.assert_allclose(out[:, :2], 0.0, atol=1e-6)
+    assert float(jnp.abs(want - x[:, 1:2]).max()) > 1e-2    # the flow moved something
+
