@@ -130,12 +130,13 @@ def test_configs_build_with_the_recipe(module, size, hidden):
     assert local_model.hidden == 64 and local_model.latent_size == (8, 8)
     assert local_model.num_frames == 5 and dit.clip_spec(local).future == 3
     # Every departure flag of the config reaches the module (off by default).
-    assert not any((local_model.flow_gate, local_model.flow_splat, local_model.flow_warp))
+    fields = ("flow_gate", "flow_splat", "flow_warp", "flow_residual")
+    assert not any(getattr(local_model, f) for f in fields)
     with local.unlocked():
-        for field in ("flow_gate", "flow_splat", "flow_warp"):
+        for field in fields:
             local.model[field] = True
     flagged = builders.build_dit(local, codec)
-    assert flagged.flow_gate and flagged.flow_splat and flagged.flow_warp
+    assert all(getattr(flagged, f) for f in fields)
     with pytest.raises(ValueError, match="runlocal"):
         module.get_config("fast")
 
