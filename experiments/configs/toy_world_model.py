@@ -124,7 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         learning_rate=1e-3, schedule="cosine", flow_normalization="unit", prediction="x0",
         eval_sample_steps=4 if quick else 50, eval_batches=1 if quick else 4,
         codec=dict(factor=4),
-        model=dict(flow_warp=True),
+        model=dict(flow_warp=True, flow_residual=False),
     ))
     # Value module: the success-ranking objective alone (docs/LEARNING.md, Value module: 0.92
     # of the 100 held-out problems after 1600 steps on 8000 scenes, 0.85 of 400; official
