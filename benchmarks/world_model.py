@@ -19,7 +19,9 @@ Figures (the final held-out evaluation of each trainer; ADE in pixels, PSNR in d
   ``cvae_still_ade_all`` (every point), ``cvae_prior_spread``;
 * ``dit_psnr`` beside ``dit_copy_psnr`` (the current frame repeated) and
   ``dit_still_flow_psnr``; ``dit_moving_psnr_true_flow`` beside ``dit_moving_psnr_still_flow``
-  and ``dit_moving_copy_psnr`` (over the pixels that change);
+  and ``dit_moving_copy_psnr`` (over the pixels that change); ``dit_warp_psnr`` and
+  ``dit_moving_warp_psnr``: the current frame warped along the true tracks, no network (the
+  hand-written predictor; unit flows only);
 * ``value_prefers_success`` (the value trainer's eval on held-out planning problems; the plan
   summary's figure when the trainer has none) beside ``value_prefers_success_chance`` (0.5);
 * ``plan_success_value`` beside ``plan_success_no_value`` (FLIP-NV) and
@@ -65,6 +67,8 @@ EVAL_KEYS = {
     "dit_moving_psnr_true_flow": ("dit", "moving_psnr"),
     "dit_moving_psnr_still_flow": ("dit", "moving_still_flow_psnr"),
     "dit_moving_copy_psnr": ("dit", "moving_copy_psnr"),
+    "dit_warp_psnr": ("dit", "warp_psnr"),
+    "dit_moving_warp_psnr": ("dit", "moving_warp_psnr"),
     "value_prefers_success": ("value", "value_prefers_success"),
     "value_prefers_success_train": ("value", "value_prefers_success_train"),
 }
@@ -90,7 +94,7 @@ PANELS = {
     "cvae": ("ADE, moving points (px)", ("prior_ade_moving", "posterior_ade_moving",
                                           "best_of_8_ade_moving"), ("still_ade_moving",)),
     "dit": ("PSNR (dB)", ("psnr", "moving_psnr"),
-            ("copy_psnr", "moving_still_flow_psnr", "moving_copy_psnr")),
+            ("copy_psnr", "moving_still_flow_psnr", "moving_copy_psnr", "moving_warp_psnr")),
     "value": ("prefers the faithful ending", ("value_prefers_success",
                                              "value_prefers_success_train"), ()),
 }

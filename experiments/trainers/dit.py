@@ -33,7 +33,9 @@ latents), ``psnr`` of the decoded samples against the true uint8 future frames, 
 ``still_flow_psnr`` (sampled with the same noise but every track held still: equal to ``psnr``
 when the model ignores its flow condition), the same three over only the pixels that change
 (``moving_psnr``, ``moving_still_flow_psnr``, ``moving_copy_psnr``: a model that follows its flow
-scores higher with the true one), and the diffusion ``loss``/``mse``/``vb`` on the eval clips.
+scores higher with the true one), with flows in unit coordinates ``warp_psnr`` and
+``moving_warp_psnr`` (the current latents warped along the true tracks, no network: what the
+flow alone predicts), and the diffusion ``loss``/``mse``/``vb`` on the eval clips.
 PSNR is per frame, capped at :data:`PSNR_CAP` dB (identical frames) and averaged; the moving
 figures pool the changed pixels of a batch. One sample video uint8[T H 2W 3] (ground truth | decoded
 prediction, history and future) is written to ``workdir/samples/video_<step>.gif``.
@@ -57,6 +59,7 @@ from experiments.training import clips, loop
 from flipjax import builders, flow_conditioning, metrics
 from flipjax.codec import LatentCodec
 from flipjax.models import diffusion, sampling
+from flipjax.models.flow_tokens import unit_to_cells, warp_latents
 from flipjax.models.video_dit import VideoDiT
 from flipjax.sharding import batch_sharding, replicated
 
@@ -280,6 +283,7 @@ def make_eval_step(model: VideoDiT, schedule: diffusion.Schedule,
     eta = float(config.eval_ddim_eta)
     n_hist = model.history
     prediction = prediction_of(config)
+    grid = tuple(n // model.patch for n in model.latent_size)
 
     def eval_step(params: PyTree, codec: LatentCodec, batch: dict[str, jax.Array],
                   rng: jax.Array) -> dict[str, jax.Array]:
@@ -310,7 +314,15 @@ def make_eval_step(model: VideoDiT, schedule: diffusion.Schedule,
                                         method=VideoDiT.encode_conditions))
         pred_frames = to_uint8(codec.decode_video(pred))
         still_frames = to_uint8(codec.decode_video(still_pred))
-        copy_frames = jnp.broadcast_to(batch["history"][:, -1:], batch["future"].shape)
+        baselines = {"copy_psnr": jnp.broadcast_to(batch["history"][:, -1:],
+                                                   batch["future"].shape)}
+        if normalization == "unit":
+            # The hand-written predictor the flow allows: the current latents warped along
+            # the true tracks, no network (an untrained flow_residual model's sample).
+            cells = unit_to_cells(flow.astype(jnp.float32), grid)
+            warped = warp_latents(history[:, -1], cells, model.patch)[..., :future.shape[-1]]
+            baselines["warp_psnr"] = to_uint8(codec.decode_video(warped))
+        copy_frames = baselines["copy_psnr"]
         recon_frames = to_uint8(codec.decode_video(future))
         truth = jnp.concatenate([batch["history"][0], batch["future"][0]], axis=0)
         shown = jnp.concatenate([to_uint8(codec.decode_video(history[:1]))[0],
@@ -321,12 +333,12 @@ def make_eval_step(model: VideoDiT, schedule: diffusion.Schedule,
                 "psnr": frame_psnr(pred_frames, batch["future"]),
                 "codec_psnr": frame_psnr(recon_frames, batch["future"]),
                 "still_flow_psnr": frame_psnr(still_frames, batch["future"]),
-                "copy_psnr": frame_psnr(copy_frames, batch["future"]),
+                **{k: frame_psnr(v, batch["future"]) for k, v in baselines.items()},
                 # Over the pixels that change: where following the flow shows.
                 **{f"moving_{k}": jnp.minimum(metrics.changed_psnr(
                     v, batch["future"], copy_frames), PSNR_CAP)
                    for k, v in (("psnr", pred_frames), ("still_flow_psnr", still_frames),
-                                ("copy_psnr", copy_frames))},
+                                *baselines.items())},
                 "video": jnp.concatenate([truth, shown], axis=2)}
 
     return jax.jit(eval_step, out_shardings=replicated(mesh))

@@ -82,6 +82,7 @@ def test_two_steps_checkpoint_eval_and_sample(toy_dirs, tmp_path):
                                10 * np.log10(255.0**2 / moving_mse), rtol=1e-4)
     assert ev["moving_copy_psnr"] < ev["copy_psnr"]
     assert 0 < ev["moving_psnr"] < dit.PSNR_CAP and 0 < ev["moving_still_flow_psnr"]
+    assert "warp_psnr" not in ev    # pixel flows: no warp baseline
     video = read_gif(workdir / loop.SAMPLES_DIR / "video_00000002.gif")
     # Ground truth | prediction side by side; identical consecutive frames may be merged.
     assert video.shape[1:] == (32, 64, 3) and 1 <= video.shape[0] <= 5
@@ -222,3 +223,17 @@ def test_flow_residual_needs_x0_prediction():
         prediction_of(c)
     c.prediction = "x0"
     assert prediction_of(c) == "x0"
+
+
+def test_an_untrained_flow_residual_model_samples_the_warp_baseline(toy_dirs, tmp_path):
+    c = local_config(toy_dirs, 1, eval_batches=1)
+    with c.unlocked():
+        c.flow_normalization, c.prediction, c.learning_rate = "unit", "x0", 0.0
+        c.model.flow_residual = True
+    dit.train_and_evaluate(c, str(tmp_path / "run"))
+    (ev,) = [r for r in loop.read_metrics(tmp_path / "run") if r["split"] == "eval"]
+    # A zero output layer adds nothing to the warp, whatever the noise: the samples are the
+    # warp baseline, which differs from the still flow's warp.
+    assert ev["psnr"] == pytest.approx(ev["warp_psnr"], abs=1e-3)
+    assert ev["moving_psnr"] == pytest.approx(ev["moving_warp_psnr"], abs=1e-3)
+    assert ev["psnr"] != pytest.approx(ev["still_flow_psnr"], abs=1e-2)
