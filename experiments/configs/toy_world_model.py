@@ -31,14 +31,11 @@ from experiments.configs import quickstart
 from experiments.configs.common import RUNLOCAL
 
 QUICK = "quick"
-# Training steps per module of the full run, the step budget in one place. Measured on the
-# shared 2-core CPU (load average about 6.5) with these settings: CVAE 5.7 steps/s, DiT 1.3,
-# value 1.1; clip build 30 s, the value's 2000 ending pairs 125 s, start-up and compilation
-# about 110 s, evaluations about 500 s in all. So 4000 / 1500 / 800 steps took about 2600 s
-# and the whole training about 56 minutes. The value now trains 1600 steps on 8000 scenes
-# (the first to reach the issue's 90% on its 100 problems; 0.85 on 400): 615 s and 384 s of
-# rendering on a quieter CPU (2.6 steps/s), about 25 minutes at the loaded rate, so the whole
-# training now runs about 70 minutes on the loaded CPU, over the issue's 60.
+# Training steps per module of the full run, the step budget in one place. Measured in the
+# first full run of benchmarks.world_model (seed 0, the shared 2-core CPU with niced jobs
+# beside it): CVAE about 6.5 steps/s, DiT 2.6, value 2.7; the whole training, clip build, the
+# value's 8000 ending pairs and every evaluation included, took 2433 s (the issue allows 3600)
+# and planning the 100 problems 881 s.
 STEPS = {"cvae": 4000, "dit": 1500, "value": 1600}
 
 
@@ -140,8 +137,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.autoencoder = ml_collections.ConfigDict()  # used only with dit_codec="autoencoder"
 
     # Planning (experiments/configs/plan.py fields; runs and seed come from the benchmark).
-    # Measured on the same CPU: 188 s per batch of 10 problems with both planners (306 s for
-    # the first, compilation included), so 100 problems take about 34 minutes.
+    # Measured on the same CPU: about 85 s per batch of 10 problems with both planners, 881 s
+    # for the 100.
     c.plan = ml_collections.ConfigDict(dict(
         num_problems=3 if quick else 100, compare_no_value=True,
         problem_batch=3 if quick else 10, beams=2, candidates=2 if quick else 4,
