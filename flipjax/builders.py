@@ -136,6 +136,11 @@ def build_dit(config: Config, codec: LatentCodec) -> VideoDiT:
     if int(m.history) < 1 or int(m.flow_horizon) < 2:
         raise ValueError(f"model.history must be >= 1 and model.flow_horizon >= 2, got "
                          f"{m.history}, {m.flow_horizon}")
+    on_tracks = [f for f in ("flow_splat", "flow_warp", "flow_residual") if m.get(f, False)]
+    if on_tracks and str(config.get("flow_normalization", "pixels")) != "unit":
+        raise ValueError(f"model.{', model.'.join(on_tracks)} place the tracks on the latent "
+                         f"grid and need flow_normalization='unit', got "
+                         f"{config.get('flow_normalization', 'pixels')!r}")
     return VideoDiT.variant(
         str(m.size), patch=int(m.patch), in_channels=c, latent_size=(h, w),
         flow_horizon=int(m.flow_horizon), history=int(m.history),

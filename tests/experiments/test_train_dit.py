@@ -136,6 +136,10 @@ def test_configs_build_with_the_recipe(module, size, hidden):
     with local.unlocked():
         for field in fields:
             local.model[field] = True
+    with pytest.raises(ValueError, match="flow_normalization='unit'"):
+        builders.build_dit(local, codec)     # the tracks go on the latent grid
+    with local.unlocked():
+        local.flow_normalization = "unit"
     flagged = builders.build_dit(local, codec)
     assert all(getattr(flagged, f) for f in fields)
     with pytest.raises(ValueError, match="runlocal"):
