@@ -229,6 +229,7 @@ def test_flow_residual_needs_x0_prediction():
     assert prediction_of(c) == "x0"
 
 
+@pytest.mark.slow  # the anchor itself: test_video_dit_departures; no warp key: the run above
 def test_an_untrained_flow_residual_model_samples_the_warp_baseline(toy_dirs, tmp_path):
     c = local_config(toy_dirs, 1, eval_batches=1)
     with c.unlocked():
