@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.report import write_result
+from flipjax import metrics
 
 
 def constant_velocity(tracks: np.ndarray, previous: np.ndarray, radius: float) -> np.ndarray:
@@ -59,9 +60,11 @@ def score(clips: dict[tuple[int, int], np.ndarray], radius: float) -> dict[str, 
         tracks = tracks.astype(np.float64)
         preds = {"still": np.repeat(tracks[:, :1], tracks.shape[1], axis=1),
                  "constant_velocity": constant_velocity(tracks, prev.astype(np.float64), radius)}
+        gt = tracks[None].astype(np.float32)
         for k, p in preds.items():
-            dist[k].append(np.linalg.norm(p[:, 1:] - tracks[:, 1:], axis=-1).ravel())
-        moving.append((np.linalg.norm(tracks[:, 1:] - tracks[:, :-1], axis=-1) > 1.0).ravel())
+            dist[k].append(np.asarray(metrics.step_distances(p[None].astype(np.float32),
+                                                             gt)).ravel())
+        moving.append(np.asarray(metrics.moving_steps(gt)).ravel())
     if not moving:
         raise ValueError("no clip has a clip one frame earlier in the same episode; these "
                          "baselines need clips at consecutive frames")
