@@ -141,13 +141,38 @@ def test_warp_moves_latents_finer_than_a_patch_and_fills_from_the_current_frame(
     np.testing.assert_allclose(out[0, 0, ..., :3], current[0], atol=1e-5)  # still = copy
     np.testing.assert_allclose(out[0, 0, ..., 3], 1.0, atol=1e-5)
     # Every track one latent cell (half a patch) to the right: column c lands in c + 1; the
-    # first column receives nothing and keeps the current frame.
+    # first column receives nothing and everything moved away, so it takes the frame's mean.
     moved = still.copy()
     moved[:, :, 1, 0] += 0.5
     out = warp_latents(current, unit_to_cells(jnp.asarray(moved, jnp.float32), (2, 2)), 2)
     np.testing.assert_allclose(out[0, 0, :, 1:, :3], current[0, :, :3], atol=1e-5)
-    np.testing.assert_allclose(out[0, 0, :, 0, :3], current[0, :, 0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 0, :, 0, :3],
+                               np.broadcast_to(np.mean(current[0], (0, 1)), (4, 3)), atol=1e-2)
     np.testing.assert_allclose(out[0, 0, :, 0, 3], 0.0, atol=1e-6)
+
+
+def test_warp_puts_a_moved_object_on_top_and_leaves_background_behind():
+    from flipjax.models.flow_tokens import FRONT_GAIN, unit_to_cells, warp_latents
+    # A 6x6 latent frame: background 0, a 2x2 object of value 5 at rows 2-3, cols 0-1.
+    current = np.zeros((1, 6, 6, 1), np.float32)
+    current[0, 2:4, 0:2] = 5.0
+    rows, cols = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")
+    start = np.stack([(cols.ravel() + 0.5) / 3 - 1, (rows.ravel() + 0.5) / 3 - 1], -1)
+    tracks = np.repeat(start[None, :, None], 2, axis=2)
+    on = ((rows >= 2) & (rows < 4) & (cols < 2)).ravel()
+    tracks[0, on, 1, 0] += 3 * (2 / 6)            # the object's tracks: 3 cells right
+    out = np.asarray(warp_latents(jnp.asarray(current),
+                                  unit_to_cells(jnp.asarray(tracks, jnp.float32), (6, 6)), 1))
+    frame = out[0, 0, ..., 0]
+    # Where it lands it outweighs the still background there (1 + FRONT_GAIN against 1).
+    np.testing.assert_allclose(frame[2:4, 3:5], 5.0 * (1 + FRONT_GAIN) / (2 + FRONT_GAIN),
+                               atol=1e-5)
+    # Where it was, the background it uncovered, not a copy of the object.
+    np.testing.assert_allclose(frame[2:4, 0:2], 0.0, atol=1e-2)
+    # The rest of the frame is untouched.
+    rest = np.ones((6, 6), bool)
+    rest[2:4, 0:2] = rest[2:4, 3:5] = False
+    np.testing.assert_allclose(frame[rest], 0.0, atol=1e-6)
 
 
 def test_flow_residual_starts_at_the_warped_current_frame():
