@@ -280,7 +280,8 @@ class VideoDiT(nn.Module):
         at that frame (:func:`splat_along_tracks`), through a zero-initialised projection.
       flow_warp: a departure (flows in unit coordinates): the current frame's clean latents
         forward-warped along the tracks at latent resolution (:func:`warp_latents`, finer than
-        a patch), patchified and added to each future frame's tokens through a
+        a patch; what moves covers what it lands on, the place it leaves is filled from its
+        surroundings), patchified and added to each future frame's tokens through a
         zero-initialised projection: the frame the flow predicts, for the model to correct.
       flow_residual: a departure for x0 prediction (flows in unit coordinates): the future
         frames' output is the warp above plus the network's output, so an untrained model
