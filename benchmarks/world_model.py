@@ -21,7 +21,8 @@ Figures (the final held-out evaluation of each trainer; ADE in pixels, PSNR in d
   ``dit_still_flow_psnr``; ``dit_moving_psnr_true_flow`` beside ``dit_moving_psnr_still_flow``
   and ``dit_moving_copy_psnr`` (over the pixels that change); ``dit_warp_psnr`` and
   ``dit_moving_warp_psnr``: the current frame warped along the true tracks, no network (the
-  hand-written predictor; unit flows only);
+  hand-written predictor; unit flows only); ``dit_x0_mse_t5`` (one network call's x0
+  error at t = 5 of 1000) beside ``dit_warp_x0_mse`` and ``dit_copy_x0_mse``;
 * ``value_prefers_success`` (the value trainer's eval on held-out planning problems; the plan
   summary's figure when the trainer has none) beside ``value_prefers_success_chance`` (0.5);
 * ``plan_success_value`` beside ``plan_success_no_value`` (FLIP-NV) and
@@ -69,6 +70,11 @@ EVAL_KEYS = {
     "dit_moving_copy_psnr": ("dit", "moving_copy_psnr"),
     "dit_warp_psnr": ("dit", "warp_psnr"),
     "dit_moving_warp_psnr": ("dit", "moving_warp_psnr"),
+    # One network call's x0 error at t = 5 of 1000 beside its warp's and copying's: below
+    # them once the network has learned anything beyond its anchor.
+    "dit_x0_mse_t5": ("dit", "x0_mse_t5"),
+    "dit_warp_x0_mse": ("dit", "warp_x0_mse"),
+    "dit_copy_x0_mse": ("dit", "copy_x0_mse"),
     "value_prefers_success": ("value", "value_prefers_success"),
     "value_prefers_success_train": ("value", "value_prefers_success_train"),
 }

@@ -35,7 +35,10 @@ when the model ignores its flow condition), the same three over only the pixels 
 (``moving_psnr``, ``moving_still_flow_psnr``, ``moving_copy_psnr``: a model that follows its flow
 scores higher with the true one), with flows in unit coordinates ``warp_psnr`` and
 ``moving_warp_psnr`` (the current latents warped along the true tracks, no network: what the
-flow alone predicts), and the diffusion ``loss``/``mse``/``vb`` on the eval clips.
+flow alone predicts), the diffusion ``loss``/``mse``/``vb`` on the eval clips, and one network
+call's x0 error at fixed noise levels (``x0_mse_t<t>`` for t in :data:`PROBE_TIMESTEPS`)
+beside ``copy_x0_mse`` and, with unit flows, ``warp_x0_mse`` (a network that has learned
+anything beats them at small t, where its noisy input nearly shows the answer).
 PSNR is per frame, capped at :data:`PSNR_CAP` dB (identical frames) and averaged; the moving
 figures pool the changed pixels of a batch. One sample video uint8[T H 2W 3] (ground truth | decoded
 prediction, history and future) is written to ``workdir/samples/video_<step>.gif``.
@@ -65,6 +68,8 @@ from flipjax.sharding import batch_sharding, replicated
 
 PyTree = Any
 PSNR_CAP = 100.0
+# Training timesteps of the x0 probe: nearly clean, half-way, nearly pure noise (of 1000).
+PROBE_TIMESTEPS = (5, 200, 900)
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,6 +312,8 @@ def make_eval_step(model: VideoDiT, schedule: diffusion.Schedule,
                                         clip_x0=clip_x0, prediction=prediction)
 
         pred = sample(cond)
+        probe = x0_probe(model, schedule, params, cond, history, future, sample_rng,
+                         prediction)
         # Same noise, every track held at its query point: a model that ignores its flow
         # condition scores the same as with the true flow.
         still = jnp.broadcast_to(flow[:, :, :1], flow.shape)
@@ -323,6 +330,9 @@ def make_eval_step(model: VideoDiT, schedule: diffusion.Schedule,
             warped = warp_latents(history[:, -1], cells, model.patch)[..., :future.shape[-1]]
             baselines["warp_psnr"] = to_uint8(codec.decode_video(warped))
         copy_frames = baselines["copy_psnr"]
+        probe["copy_x0_mse"] = jnp.mean(jnp.square(history[:, -1:] - future))
+        if normalization == "unit":
+            probe["warp_x0_mse"] = jnp.mean(jnp.square(warped - future))
         recon_frames = to_uint8(codec.decode_video(future))
         truth = jnp.concatenate([batch["history"][0], batch["future"][0]], axis=0)
         shown = jnp.concatenate([to_uint8(codec.decode_video(history[:1]))[0],
@@ -339,9 +349,27 @@ def make_eval_step(model: VideoDiT, schedule: diffusion.Schedule,
                     v, batch["future"], copy_frames), PSNR_CAP)
                    for k, v in (("psnr", pred_frames), ("still_flow_psnr", still_frames),
                                 *baselines.items())},
-                "video": jnp.concatenate([truth, shown], axis=2)}
+                **probe, "video": jnp.concatenate([truth, shown], axis=2)}
 
     return jax.jit(eval_step, out_shardings=replicated(mesh))
+
+
+def x0_probe(model: VideoDiT, schedule: diffusion.Schedule, params: PyTree, cond: Any,
+             history: jax.Array, future: jax.Array, rng: jax.Array,
+             prediction: str) -> dict[str, jax.Array]:
+    """``{"x0_mse_t<t>": float[]}``: one network call's x0 error on ``future`` float[B F h w
+    C] noised to each of :data:`PROBE_TIMESTEPS` (the training schedule's indices)."""
+    out = {}
+    for i, step in enumerate(PROBE_TIMESTEPS):
+        t = jnp.full(future.shape[:1], min(step, schedule.num_steps - 1), jnp.int32)
+        x_t = diffusion.q_sample(schedule, future, t, jax.random.normal(
+            jax.random.fold_in(rng, i), future.shape, jnp.float32))
+        y = model.apply({"params": params}, x_t, diffusion.model_timesteps(schedule, t), cond,
+                        history, method=VideoDiT.denoise)
+        x0 = diffusion.p_mean_variance(schedule, y, x_t, t, learned_range=model.learn_sigma,
+                                       prediction=prediction)["pred_x0"]
+        out[f"x0_mse_t{step}"] = jnp.mean(jnp.square(x0 - future))
+    return out
 
 
 def make_eval_factory(config: ml_collections.ConfigDict, model: VideoDiT,

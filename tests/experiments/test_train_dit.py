@@ -82,7 +82,13 @@ def test_two_steps_checkpoint_eval_and_sample(toy_dirs, tmp_path):
                                10 * np.log10(255.0**2 / moving_mse), rtol=1e-4)
     assert ev["moving_copy_psnr"] < ev["copy_psnr"]
     assert 0 < ev["moving_psnr"] < dit.PSNR_CAP and 0 < ev["moving_still_flow_psnr"]
-    assert "warp_psnr" not in ev    # pixel flows: no warp baseline
+    assert "warp_psnr" not in ev and "warp_x0_mse" not in ev   # pixel flows: no warp
+    # The x0 probe: two steps from eps = 0, so x0 = x_t / sqrt(abar) and its error is
+    # (1 - abar) / abar times the eps error (near 1): tiny at t = 5, huge at t = 900.
+    abar = np.asarray(builders.build_schedule(local_config(toy_dirs, 2)).alphas_cumprod)
+    for t in dit.PROBE_TIMESTEPS:
+        assert 0.5 < ev[f"x0_mse_t{t}"] / ((1 - abar[t]) / abar[t]) < 1.5, t
+    assert ev["x0_mse_t5"] < ev["copy_x0_mse"] < ev["x0_mse_t900"]
     video = read_gif(workdir / loop.SAMPLES_DIR / "video_00000002.gif")
     # Ground truth | prediction side by side; identical consecutive frames may be merged.
     assert video.shape[1:] == (32, 64, 3) and 1 <= video.shape[0] <= 5
@@ -242,3 +248,5 @@ def test_an_untrained_flow_residual_model_samples_the_warp_baseline(toy_dirs, tm
     assert ev["psnr"] == pytest.approx(ev["warp_psnr"], abs=1e-3)
     assert ev["moving_psnr"] == pytest.approx(ev["moving_warp_psnr"], abs=1e-3)
     assert ev["psnr"] != pytest.approx(ev["still_flow_psnr"], abs=1e-2)
+    for t in dit.PROBE_TIMESTEPS:   # one call at any noise level predicts the warp too
+        assert ev[f"x0_mse_t{t}"] == pytest.approx(ev["warp_x0_mse"], rel=1e-4)
