@@ -38,7 +38,7 @@ from data_pipelines.loader import ClipDataset
 from experiments.training import clips, loop
 from flipjax import builders
 from flipjax import metrics as flow_metrics
-from flipjax.models.cvae_loss import CVAELossConfig, cvae_loss
+from flipjax.models.cvae_loss import CVAELossConfig, best_of_many_ade, cvae_loss
 from flipjax.models.flow_cvae import FlowCVAE
 
 PyTree = Any
@@ -87,9 +87,19 @@ def make_loss_fn(model: FlowCVAE, objective: CVAELossConfig = CVAELossConfig()) 
     def loss_fn(params: PyTree, batch: dict[str, jax.Array], rng: jax.Array,
                 step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         x = convert_batch(batch)
+        many = int(objective.best_of_many)
+        if many > 0:   # (the default path keeps its random stream)
+            rng, many_rng = jax.random.split(rng)
         out = model.apply({"params": params}, x["flow"], x["history"], x["text_tokens"],
                           x["text_mask"], rngs={"latent": rng})
         terms = cvae_loss(out, x["flow"], x["history"], model.config.patch, objective, step)
+        if many > 0:
+            samples = jax.vmap(lambda key: model.apply(
+                {"params": params}, x["flow"][:, :, 0], x["history"], x["text_tokens"],
+                x["text_mask"], rngs={"latent": key}, method=FlowCVAE.sample)["flow"])(
+                jax.random.split(many_rng, many))
+            terms["best_of_many"] = best_of_many_ade(samples, x["flow"])
+            terms["loss"] = terms["loss"] + objective.best_of_many_weight * terms["best_of_many"]
         return terms["loss"], {k: v for k, v in terms.items() if k != "loss"}
 
     loss_fn.takes_step = True  # for the KL warm-up (make_train_step passes step=)

@@ -234,3 +234,38 @@ def test_context_point_features_reach_the_image_tokens():
     assert set(params) - set(p0) == {"context_feature_encoder"}
     with pytest.raises(ValueError, match="context_point_features"):
         CVAEConfig.variant("tiny", context_point_features=True).validate()
+
+
+def test_best_of_many_scores_and_trains_only_the_best_sample():
+    from flipjax.models.cvae_loss import best_of_many_ade
+    gt = jnp.zeros((2, 1, 3, 2), jnp.float32)
+    # Example 0: sample 1 is off by 1 px per step, sample 0 by 3; example 1 the other way.
+    off = jnp.asarray([[3.0, 1.0], [1.0, 3.0]], jnp.float32)             # K B
+    samples = jnp.zeros((2, 2, 1, 3, 2), jnp.float32).at[..., 1:, 0].set(off[:, :, None, None])
+    assert float(best_of_many_ade(samples, gt)) == pytest.approx(1.0)
+    g = jax.grad(best_of_many_ade)(samples, gt)
+    assert float(jnp.abs(g[0, 0]).sum()) == 0.0 and float(jnp.abs(g[1, 0]).sum()) > 0
+    assert float(jnp.abs(g[1, 1]).sum()) == 0.0 and float(jnp.abs(g[0, 1]).sum()) > 0
+    with pytest.raises(ValueError, match="gt_flow"):
+        best_of_many_ade(samples, gt[:, :, :2])
+
+
+def test_the_trainer_adds_the_best_of_many_term_only_when_asked():
+    import dataclasses
+
+    from experiments.trainers.cvae import make_loss_fn
+    from flipjax.models.cvae_loss import CVAELossConfig
+    m, params, flow, hist, text = _model(learned_prior=True, latent_dim=4)
+    batch = {"tracks": flow, "history": jnp.round((hist + 1) * 127.5).astype(jnp.uint8),
+             "text_tokens": text, "text_mask": jnp.ones(text.shape[:2], bool)}
+    base = CVAELossConfig(up_weight=1.0, kl=0.1, kl_batch_sum=False, robust_kl=False)
+    key = jax.random.key(0)
+    _, plain_terms = make_loss_fn(m, base)(params, batch, key)
+    assert "best_of_many" not in plain_terms
+    many = dataclasses.replace(base, best_of_many=4, best_of_many_weight=2.0)
+    loss, terms = make_loss_fn(m, many)(params, batch, key)
+    # The rest of the objective is the plain one with the posterior's share of the key.
+    rest, _ = make_loss_fn(m, base)(params, batch, jax.random.split(key)[0])
+    assert float(terms["best_of_many"]) > 0
+    assert float(loss) == pytest.approx(float(rest) + 2.0 * float(terms["best_of_many"]),
+                                        rel=1e-5)
