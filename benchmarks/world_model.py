@@ -100,7 +100,8 @@ PANELS = {
     "cvae": ("ADE, moving points (px)", ("prior_ade_moving", "posterior_ade_moving",
                                           "best_of_8_ade_moving"), ("still_ade_moving",)),
     "dit": ("PSNR (dB)", ("psnr", "moving_psnr"),
-            ("copy_psnr", "moving_still_flow_psnr", "moving_copy_psnr", "moving_warp_psnr")),
+            ("copy_psnr", "warp_psnr", "moving_still_flow_psnr", "moving_copy_psnr",
+             "moving_warp_psnr")),
     "value": ("prefers the faithful ending", ("value_prefers_success",
                                              "value_prefers_success_train"), ()),
 }

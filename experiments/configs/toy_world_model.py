@@ -32,10 +32,11 @@ from experiments.configs.common import RUNLOCAL
 
 QUICK = "quick"
 # Training steps per module of the full run, the step budget in one place. Measured in the
-# first full run of benchmarks.world_model (seed 0, the shared 2-core CPU with niced jobs
-# beside it): CVAE about 6.5 steps/s, DiT 2.6, value 2.7; the whole training, clip build, the
-# value's 8000 ending pairs and every evaluation included, took 2433 s (the issue allows 3600)
-# and planning the 100 problems 881 s.
+# second full run of benchmarks.world_model (seed 0, the shared 2-core CPU with a niced job
+# beside it): CVAE about 8 steps/s (9 minutes), DiT about 3 (factor 2 in 2x2 patches, 12
+# minutes), value about 2.7 after rendering its 12000 ending pairs; the whole training, clip
+# build, pair renders and every evaluation included, took 2568 s (the issue allows 3600) and
+# planning the 100 problems 735 s.
 STEPS = {"cvae": 4000, "dit": 2000, "value": 2400}
 
 
@@ -148,8 +149,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.autoencoder = ml_collections.ConfigDict()  # used only with dit_codec="autoencoder"
 
     # Planning (experiments/configs/plan.py fields; runs and seed come from the benchmark).
-    # Measured on the same CPU: about 85 s per batch of 10 problems with both planners, 881 s
-    # for the 100.
+    # Measured on the same CPU: about 65-72 s per batch of 10 problems with both planners,
+    # 735 s for the 100.
     c.plan = ml_collections.ConfigDict(dict(
         num_problems=3 if quick else 100, compare_no_value=True,
         problem_batch=3 if quick else 10, beams=2, candidates=2 if quick else 4,
