@@ -102,7 +102,7 @@ def splat_along_tracks(current: Array, cells: Array, grid: tuple[int, int]
 # on an object's edge also carries the background of its cell, which a large gain stamps over
 # the destination's surroundings. Toy world, 256 held-out clips, pixel codec factor 2 (copy
 # 35.18 dB, moving pixels 16.26): gain 0 / 3 / 10 / 50 give 36.42 / 36.43 / 36.03 / 35.15 dB
-# and 18.39 / 18.75 / 18.72 / 18.50 on moving pixels (docs/LEARNING.md).
+# and 18.39 / 18.76 / 18.72 / 18.50 on moving pixels (docs/LEARNING.md).
 FRONT_GAIN = 3.0
 # Push-pull falls back to the plain mean where no cell keeps any weight (a whole-frame move).
 _PLAIN = 1e-4
@@ -135,7 +135,8 @@ def _push_pull(values: Array, weight: Array) -> Array:
     return values * weight + up * (1.0 - weight)
 
 
-def warp_latents(current: Array, cells: Array, patch: int) -> Array:
+def warp_latents(current: Array, cells: Array, patch: int, *, front_gain: float = FRONT_GAIN,
+                 fill_vacated: bool = True) -> Array:
     """Forward-warps the current frame's latents along the tracks, one frame per later step.
 
     Each track reads the current latents bilinearly at its start and deposits them bilinearly
@@ -144,13 +145,17 @@ def warp_latents(current: Array, cells: Array, patch: int) -> Array:
     less than a full bilinear weight (disocclusions, sparse tracks) the current frame fills
     in, except for the share of each cell whose content moved away, which is filled from its
     surroundings (:func:`_push_pull`): a moved object leaves background behind, not a copy
-    of itself. A warp of still tracks is the current frame itself.
+    of itself. A warp of still tracks, one at each latent cell's centre, is the current frame
+    itself; tracks off the centres read their cells bilinearly, which blurs.
 
     Args:
       current: float[B h w C] the current frame's latents.
       cells: float[B N Lf 2] tracks on the patch grid (col, row), as
         :func:`unit_to_cells` with the token grid (h / patch, w / patch).
       patch: the DiT's patch size.
+      front_gain: how much more a moved track's deposit weighs (0: a plain average).
+      fill_vacated: fill what moved away from its surroundings (False: the current frame
+        fills every hole, leaving a copy of a moved object behind).
 
     Returns:
       float[B Lf-1 h w (C+1)]: the warped latents and, last, the deposited weight (<= 1).
@@ -164,7 +169,7 @@ def warp_latents(current: Array, cells: Array, patch: int) -> Array:
     gone = jnp.minimum(jnp.linalg.norm(fine[:, :, 1:] - fine[:, :, :1], axis=-1), 1.0)
     gone = jnp.moveaxis(gone, 2, 1)                                       # B K N
     later = _hat_weights(jnp.moveaxis(fine[:, :, 1:], 2, 1), (h, w))      # B K N P
-    front = later * (1.0 + FRONT_GAIN * gone)[..., None]
+    front = later * (1.0 + front_gain * gone)[..., None]
     moved = jnp.einsum("bknp,bnd->bkpd", front, read) / jnp.maximum(
         jnp.sum(front, axis=2)[..., None], 1e-6)
     cover = jnp.minimum(jnp.sum(later, axis=2)[..., None], 1.0)           # B K P 1
@@ -173,6 +178,8 @@ def warp_latents(current: Array, cells: Array, patch: int) -> Array:
         jnp.sum(start, axis=1)[:, None], 1e-6)
     k = moved.shape[1]
     stay = jnp.clip(1.0 - vacated, 0.0, 1.0).reshape(b * k, h, w, 1)
+    if not fill_vacated:
+        stay = jnp.ones_like(stay)
     background = _push_pull(jnp.broadcast_to(current.astype(jnp.float32)[:, None],
                                              (b, k, h, w, c)).reshape(b * k, h, w, c), stay)
     filled = moved * cover + background.reshape(b, k, h * w, c) * (1.0 - cover)
