@@ -130,6 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dit = ml_collections.ConfigDict(dict(
         total_steps=steps("dit"), eval_every=every("dit", 3), batch_size=8,
         learning_rate=3e-4, schedule="cosine", flow_normalization="unit", prediction="x0",
+        ema_decay=0.9,  # runlocal's; 0.99 scored the same (docs/LEARNING.md)
         eval_sample_steps=4 if quick else 50, eval_batches=1 if quick else 4,
         codec=dict(factor=2),
         model=dict(patch=2, flow_warp=True, flow_residual=True, learn_sigma=False),
