@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     if not Path(a.clips).is_dir():
         raise SystemExit(f"--clips {a.clips}: no such directory")
-    ds = ClipDataset(a.clips, history=HISTORY, future=FUTURE)
+    try:
+        ds = ClipDataset(a.clips, history=HISTORY, future=FUTURE)
+    except ValueError as e:   # not a build_clips output: one line, not a traceback
+        raise SystemExit(f"--clips {a.clips}: {e}") from None
     count = min(32 if a.quick else int(a.clip_count), len(ds))
     if count < 1:
         raise SystemExit(f"--clips {a.clips}: no clips of {HISTORY} + {FUTURE} frames")

@@ -46,3 +46,8 @@ def test_a_moving_patch_is_followed_better_than_copying_it():
 def test_a_missing_clip_directory_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="no such directory"):
         wb.main(["--clips", str(tmp_path / "nope"), "--out", str(tmp_path / "o.json")])
+
+
+def test_a_directory_without_clips_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"manifest\.json"):
+        wb.main(["--clips", str(tmp_path), "--out", str(tmp_path / "o.json")])
