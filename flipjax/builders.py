@@ -141,6 +141,9 @@ def build_dit(config: Config, codec: LatentCodec) -> VideoDiT:
         raise ValueError(f"model.{', model.'.join(on_tracks)} place the tracks on the latent "
                          f"grid and need flow_normalization='unit', got "
                          f"{config.get('flow_normalization', 'pixels')!r}")
+    if m.get("residual_gate", False) and not m.get("flow_residual", False):
+        raise ValueError("model.residual_gate gates the flow_residual correction; set "
+                         "model.flow_residual=True")
     return VideoDiT.variant(
         str(m.size), patch=int(m.patch), in_channels=c, latent_size=(h, w),
         flow_horizon=int(m.flow_horizon), history=int(m.history),
@@ -150,7 +153,8 @@ def build_dit(config: Config, codec: LatentCodec) -> VideoDiT:
         flow_embedding=str(m.get("flow_embedding", "mlp")),
         flow_splat=bool(m.get("flow_splat", False)),
         flow_warp=bool(m.get("flow_warp", False)),
-        flow_residual=bool(m.get("flow_residual", False)), remat=bool(config.remat),
+        flow_residual=bool(m.get("flow_residual", False)),
+        residual_gate=bool(m.get("residual_gate", False)), remat=bool(config.remat),
         dtype=_dtype(config))
 
 

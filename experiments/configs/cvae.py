@@ -49,6 +49,8 @@ def cvae_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         learned_prior=False,  # p(z | observation, language) instead of N(0, I)
         latent_dim=0,  # Z; 0: the model width, as the official model
         context_point_features=False,  # the point feature map pooled into the image tokens
+        # The point feature map also reads the instruction (FiLM) and the pixel coordinates
+        point_feature_language=False, point_feature_coords=False,
     ))
     # The official recipe: AdamW at 1e-4, constant. The official global batch size was not
     # verified from the released configs; 64 is a placeholder to tune per device count.

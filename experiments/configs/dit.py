@@ -65,6 +65,9 @@ def dit_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         # True: with prediction="x0", the future frames' prediction is that warp plus the
         # network's output (a departure; needs flow_normalization="unit")
         flow_residual=False,
+        # True: with flow_residual, the network corrects only cells near a moving track and
+        # the rest is the current frame (a departure)
+        residual_gate=False,
     ))
     c.image_size = (128, 128)  # frames (H, W) of the clips; clips from build_clips --grid 23
     c.remat = False  # rematerialise every DiT block in the backward pass

@@ -49,6 +49,7 @@ from flipjax.models.layers import (
     padding_mask,
     sincos_2d,
 )
+from flipjax.models.point_features import PointFeatureMap
 from flipjax.typing import Array
 
 
@@ -104,6 +105,9 @@ class CVAEConfig:
       context_point_features: the point feature map, averaged over each patch, is added to the
         image tokens (through a Linear), so the encoder, the learned prior and the decoder's
         context see the motion features the query points see (needs ``point_features``).
+      point_feature_language, point_feature_coords: the point feature map also reads the
+        instruction (FiLM) and the pixel coordinates (:class:`PointFeatureMap`; needs
+        ``point_features``).
     """
 
     hidden: int = 384
@@ -124,6 +128,8 @@ class CVAEConfig:
     learned_prior: bool = False
     latent_dim: int = 0
     context_point_features: bool = False
+    point_feature_language: bool = False
+    point_feature_coords: bool = False
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> CVAEConfig:
@@ -164,8 +170,10 @@ class CVAEConfig:
             raise ValueError(f"flow_horizon must be >= 2, got {self.flow_horizon}")
         if self.latent_dim < 0:
             raise ValueError(f"latent_dim must be >= 0 (0: the model width), got {self.latent_dim}")
-        if self.context_point_features and not self.point_features:
-            raise ValueError("context_point_features needs point_features > 0")
+        for flag in ("context_point_features", "point_feature_language",
+                     "point_feature_coords"):
+            if getattr(self, flag) and not self.point_features:
+                raise ValueError(f"{flag} needs point_features > 0")
         if self.point_feature_layers < 1 or self.point_feature_dilation < 1:
             raise ValueError(f"point_feature_layers and point_feature_dilation must be >= 1, "
                              f"got {self.point_feature_layers}, {self.point_feature_dilation}")
@@ -193,25 +201,6 @@ def reconstruct_flow(query_points: Array, scale: Array, direction: Array) -> Arr
     shapes.check(direction, "direction", "B N S 2", dims)
     steps = jnp.cumsum(scale * direction, axis=2)
     return jnp.concatenate([query_points[:, :, None], query_points[:, :, None] + steps], axis=2)
-
-
-class PointFeatureMap(nn.Module):
-    """3x3 convolutions over the stacked history at full resolution: float[B H W (T 3)]
-    -> float[B H W F], features for the query points to sample (a departure, see
-    :class:`CVAEConfig`). Convolution i is dilated by ``dilation**i``."""
-
-    features: int
-    dtype: Dtype = jnp.float32
-    layers: int = 2
-    dilation: int = 1
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        for i in range(self.layers):
-            x = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype,
-                        kernel_dilation=self.dilation**i, name=f"conv_{i}")(x)
-            x = nn.gelu(x)
-        return x
 
 
 class FlowCVAE(nn.Module):
@@ -253,7 +242,9 @@ class FlowCVAE(nn.Module):
         if c.point_features:
             self.point_feature_map = PointFeatureMap(c.point_features, dtype=dt,
                                                      layers=c.point_feature_layers,
-                                                     dilation=c.point_feature_dilation)
+                                                     dilation=c.point_feature_dilation,
+                                                     language=c.point_feature_language,
+                                                     coords=c.point_feature_coords)
             self.point_feature_encoder = dense(d, (None, "embed"), dtype=dt)
         if c.context_point_features:
             self.context_feature_encoder = dense(d, (None, "embed"), dtype=dt)
@@ -295,15 +286,18 @@ class FlowCVAE(nn.Module):
         self._check_context(history, text_tokens, None, {})
         return self._embed(history, text_tokens)[:2]
 
-    def _feature_map(self, history: Array) -> Array | None:
+    def _feature_map(self, history: Array, text_tokens: Array,
+                     text_mask: Array | None) -> Array | None:
         """float32[B H W F] point features of the history, or None without them."""
+        if not self.config.point_features:
+            return None
         stacked = einops.rearrange(history, "b t h w c -> b h w (t c)").astype(self.dtype)
-        return (self.point_feature_map(stacked).astype(jnp.float32)
-                if self.config.point_features else None)
+        return self.point_feature_map(stacked, text_tokens, text_mask).astype(jnp.float32)
 
-    def _embed(self, history: Array, text_tokens: Array) -> tuple[Array, Array, Array | None]:
+    def _embed(self, history: Array, text_tokens: Array, text_mask: Array | None = None
+               ) -> tuple[Array, Array, Array | None]:
         """(image, language tokens, point feature map): the map once for context and queries."""
-        fmap = self._feature_map(history)
+        fmap = self._feature_map(history, text_tokens, text_mask)
         # (t c) channel order: the official model stacks frames with 'b t c h w -> b (t c) h w'.
         stacked = einops.rearrange(history, "b t h w c -> b h w (t c)").astype(self.dtype)
         pos = jnp.asarray(sincos_2d(self.config.hidden, *self.config.grid), self.dtype)
@@ -375,7 +369,8 @@ class FlowCVAE(nn.Module):
             coords = self._unit(coords)
         q = self.query_point_encoder(coords.astype(self.dtype))
         if c.point_features:
-            fmap = self._feature_map(history) if fmap is None else fmap
+            if fmap is None:   # language point features need _embed's map (the text)
+                fmap = self._feature_map(history, None, None)
             sampled = jax.vmap(lambda f, p: bilinear_sample(f, p)[0])(
                 fmap, query_points.astype(jnp.float32))
             q = q + self.point_feature_encoder(sampled.astype(self.dtype))
@@ -444,7 +439,7 @@ class FlowCVAE(nn.Module):
         dims = shapes.check(query_points, "query_points", "B N 2", dtype="float")
         dims = shapes.check(z, "z", f"B {self.config.z_dim}", dims, dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
-        img, lang, fmap = self._embed(history, text_tokens)
+        img, lang, fmap = self._embed(history, text_tokens, text_mask)
         return self._decode(query_points, img, lang, text_mask, z, history, fmap)
 
     def __call__(self, flow: Array, history: Array, text_tokens: Array,
@@ -466,7 +461,7 @@ class FlowCVAE(nn.Module):
         """
         dims = shapes.check(flow, "flow", f"B N {self.config.flow_horizon} 2", dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
-        img, lang, fmap = self._embed(history, text_tokens)
+        img, lang, fmap = self._embed(history, text_tokens, text_mask)
         post = self._encode(flow, img, lang, text_mask)
         eps = jax.random.normal(self.make_rng("latent"), post["z_mu"].shape, jnp.float32)
         z = post["z_mu"] + latent_std(post["z_logvar"], official_std) * eps
@@ -492,7 +487,7 @@ class FlowCVAE(nn.Module):
         """
         dims = shapes.check(query_points, "query_points", "B N 2", dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
-        img, lang, fmap = self._embed(history, text_tokens)
+        img, lang, fmap = self._embed(history, text_tokens, text_mask)
         mu, logvar = self._prior(img, lang, text_mask)
         z = mu + latent_std(logvar, official_std) * jax.random.normal(
             self.make_rng("latent"), mu.shape)

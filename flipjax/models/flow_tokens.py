@@ -187,6 +187,37 @@ def warp_latents(current: Array, cells: Array, patch: int, *, front_gain: float 
     return out.reshape(b, -1, h, w, c + 1)
 
 
+def motion_mask(cells: Array, patch: int, size: tuple[int, int], radius: int = 1) -> Array:
+    """Where the tracks say something changes: the latent cells a moving track leaves or
+    reaches, grown by ``radius`` cells (edges, the background a move uncovers).
+
+    Args:
+      cells: float[B N Lf 2] tracks on the patch grid (col, row), as for :func:`warp_latents`.
+      patch: the DiT's patch size.
+      size: (h, w) of the latent grid.
+      radius: cells added around every touched cell.
+
+    Returns:
+      float32[B Lf-1 h w 1] in [0, 1]: 0 where no track moved near the cell by that step (a
+      still track weighs 0, one moved a latent cell or more weighs 1).
+    """
+    h, w = size
+    b = cells.shape[0]
+    fine = (cells + 0.5) * patch - 0.5
+    gone = jnp.minimum(jnp.linalg.norm(fine[:, :, 1:] - fine[:, :, :1], axis=-1), 1.0)
+    start = _hat_weights(fine[:, :, 0], (h, w))                           # B N P
+    later = _hat_weights(jnp.moveaxis(fine[:, :, 1:], 2, 1), (h, w))      # B K N P
+    touched = jnp.einsum("bnp,bnk->bkp", start, gone) + jnp.einsum(
+        "bknp,bkn->bkp", later, jnp.moveaxis(gone, 2, 1))
+    k = touched.shape[1]
+    # A track between four cells gives each a quarter of its weight: x4 so that one track
+    # that moved a cell opens all four.
+    grown = jax.lax.reduce_window(jnp.minimum(4.0 * touched, 1.0).reshape(b, k, h, w), 0.0,
+                                  jax.lax.max, (1, 1, 2 * radius + 1, 2 * radius + 1),
+                                  (1, 1, 1, 1), "SAME")
+    return grown[..., None]
+
+
 def sincos_2d_at(dim: int, cells: Array) -> Array:
     """float32[... dim]: :func:`sincos_2d` at continuous (col, row) positions float[... 2]."""
     quarter = dim // 4

@@ -43,6 +43,7 @@ from einops import rearrange
 from flipjax.models import variants
 from flipjax.models.flow_tokens import (
     FlowEmbedder,
+    motion_mask,
     splat_along_tracks,
     unit_to_cells,
     warp_latents,
@@ -92,6 +93,10 @@ class Conditions:
     flow_kv: tuple[tuple[Array, Array], ...]
     flow_tokens: Array | None = None
     flow_cells: Array | None = None
+
+
+# Cells around a moving track the gate opens (scratch knob for the issue-18 sweep).
+GATE_RADIUS = 1
 
 
 def _modulate(x: Array, shift: Array, scale: Array) -> Array:
@@ -286,6 +291,9 @@ class VideoDiT(nn.Module):
       flow_residual: a departure for x0 prediction (flows in unit coordinates): the future
         frames' output is the warp above plus the network's output, so an untrained model
         predicts the warped current frame and training learns the correction.
+      residual_gate: a departure on top of ``flow_residual``: the network corrects only the
+        cells near a moving track (:func:`motion_mask`); elsewhere the prediction is the
+        current frame itself, so what the flow holds still is copied, not re-rendered.
     """
 
     hidden: int = 384
@@ -310,6 +318,7 @@ class VideoDiT(nn.Module):
     flow_splat: bool = False
     flow_warp: bool = False
     flow_residual: bool = False
+    residual_gate: bool = False
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> VideoDiT:
@@ -449,9 +458,13 @@ class VideoDiT(nn.Module):
         y = rearrange(y, "b t (h w) (p q c) -> b t (h p) (w q) c", h=hp, p=self.patch,
                       q=self.patch).astype(jnp.float32)
         if self.flow_residual:
-            anchor = jnp.concatenate([jnp.zeros_like(x[:, :self.history], jnp.float32),
-                                      warped[..., :c]], axis=1)
-            y = y.at[..., :c].add(anchor)
+            future, anchor = y[:, self.history:, ..., :c], warped[..., :c]
+            if self.residual_gate:
+                m = motion_mask(cond.flow_cells, self.patch, (h, w), GATE_RADIUS)
+                anchor = m * anchor + (1 - m) * x[:, self.history - 1:self.history, ...,
+                                                  :c].astype(jnp.float32)
+                future = m * future
+            y = y.at[:, self.history:, ..., :c].set(future + anchor)
         return y[:, n_hist:]
 
     def _splat(self, tokens: Array, cells: Array, grid: tuple[int, int]) -> Array:

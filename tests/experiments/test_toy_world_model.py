@@ -39,8 +39,8 @@ def test_overrides_reach_the_module_configs(arg, tmp_path):
     assert cvae.loss.direction == 10.0  # fields the file does not set keep the module's
     dit = resolved(c, "dit", tmp_path)
     assert (dit.codec.kind, dit.flow_normalization, dit.model.flow_warp, dit.schedule,
-            dit.batch_size, dit.prediction, dit.model.flow_residual) == (
-                "pixels", "unit", True, "cosine", 8, "x0", True)
+            dit.batch_size, dit.prediction, dit.model.flow_residual,
+            dit.model.residual_gate) == ("pixels", "unit", True, "cosine", 8, "x0", True, True)
     value = resolved(c, "value", tmp_path)
     assert (value.loss.success_ranking, value.loss.infonce, value.model.patch,
             value.model.embed_dim, value.ranking_batch, value.ema_decay) == (

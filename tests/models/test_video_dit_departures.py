@@ -194,3 +194,44 @@ def test_flow_residual_starts_at_the_warped_current_frame():
     np.testing.assert_allclose(out[:, :2], 0.0, atol=1e-6)
     assert float(jnp.abs(want - x[:, 1:2]).max()) > 1e-2    # the flow moved something
 
+
+
+def test_residual_gate_copies_what_the_flow_holds_still():
+    from flipjax.models.flow_tokens import motion_mask, unit_to_cells
+    m = VideoDiT.variant("tiny", latent_size=(8, 8), in_channels=4, flow_horizon=3, history=2,
+                         text_dim=8, text_layers=1, text_heads=2, learn_sigma=False,
+                         flow_residual=True, residual_gate=True)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(B, m.num_frames, 8, 8, 4)), jnp.float32)
+    # One track per token at its centre (4x4 tokens of 2x2 cells), all still but one that
+    # moves two latent cells right in the top-left corner.
+    c = (np.arange(4) + 0.5) / 4 * 2 - 1
+    grid = np.stack(np.meshgrid(c, c, indexing="xy"), -1).reshape(-1, 2)
+    flow = np.repeat(grid[None, :, None], 3, axis=2)
+    flow[:, 0, 1:, 0] += 0.5                          # a quarter of the frame: 2 latent cells
+    flow = jnp.asarray(np.broadcast_to(flow, (B, 16, 3, 2)), jnp.float32)
+    text, mask = jnp.asarray(rng.normal(size=(B, 3, 8)), jnp.float32), jnp.ones((B, 3), bool)
+    t = jnp.asarray([3, 500])
+    params = nn.unbox(m.init(jax.random.key(0), x, t, flow, text, mask))
+    # A network whose output is not zero (adaLN-Zero would hide the gate).
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape),
+                          params)
+    out = np.asarray(m.apply(params, x, t, flow, text, mask))
+    gate = np.asarray(motion_mask(unit_to_cells(flow, (4, 4)), m.patch, (8, 8)))[..., 0]
+    assert gate[:, :, 6:, 6:].max() == 0.0 and gate[:, :, 0, 0].min() == 1.0
+    still = np.broadcast_to(gate == 0.0, (out.shape[0], 2, 8, 8))
+    current = np.broadcast_to(np.asarray(x[:, 1:2]), out[:, 2:].shape)
+    # Far from the moving track the futures are the current frame exactly, whatever the
+    # network says; near it the network's correction shows.
+    np.testing.assert_array_equal(out[:, 2:][still], current[still])
+    assert np.abs(out[:, 2:][~still] - current[~still]).max() > 1e-2
+
+
+def test_residual_gate_needs_flow_residual():
+    from experiments.configs import dit as dit_configs
+    from flipjax import builders, codec
+    cfg = dit_configs.get_config("runlocal")
+    with cfg.unlocked():
+        cfg.model.residual_gate = True
+    with pytest.raises(ValueError, match="residual_gate"):
+        builders.build_dit(cfg, codec.pixel_codec(int(cfg.codec.factor)))
