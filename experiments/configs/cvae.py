@@ -64,7 +64,8 @@ def cvae_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(
         direction=10.0, scale=10.0, kl=1e-4, ade=1.0, aux=1e-5, step_threshold=2.0,
         ade_threshold=1.0, up_weight=100.0, kl_batch_sum=True, robust_kl=True, free_nats=0.0,
-        kl_warmup_steps=0, prior_kl=-1.0, best_of_many=0, best_of_many_weight=1.0))
+        kl_warmup_steps=0, prior_kl=-1.0, best_of_many=0, best_of_many_weight=1.0,
+        prior_mean_ade=0.0))
     c.num_points = 0  # tracked points per clip (random subset); 0 keeps all
     # With num_points: up to this fraction of the subset drawn from moving points (0: uniform,
     # the official sampling). See data_pipelines.loader.Augment.

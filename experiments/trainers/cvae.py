@@ -38,7 +38,7 @@ from data_pipelines.loader import ClipDataset
 from experiments.training import clips, loop
 from flipjax import builders
 from flipjax import metrics as flow_metrics
-from flipjax.models.cvae_loss import CVAELossConfig, best_of_many_ade, cvae_loss
+from flipjax.models.cvae_loss import CVAELossConfig, best_of_many_ade, cvae_loss, weighted_ade
 from flipjax.models.flow_cvae import FlowCVAE
 
 PyTree = Any
@@ -100,6 +100,14 @@ def make_loss_fn(model: FlowCVAE, objective: CVAELossConfig = CVAELossConfig()) 
                 jax.random.split(many_rng, many))
             terms["best_of_many"] = best_of_many_ade(samples, x["flow"])
             terms["loss"] = terms["loss"] + objective.best_of_many_weight * terms["best_of_many"]
+        if objective.prior_mean_ade > 0:
+            if "prior_mu" not in out:
+                raise ValueError("loss.prior_mean_ade needs model.learned_prior=True")
+            mean = model.apply({"params": params}, x["flow"][:, :, 0], x["history"],
+                               x["text_tokens"], x["text_mask"], out["prior_mu"],
+                               method=FlowCVAE.decode)["flow"]
+            terms["prior_mean_ade"] = weighted_ade(mean, x["flow"], up_weight=1.0)
+            terms["loss"] = terms["loss"] + objective.prior_mean_ade * terms["prior_mean_ade"]
         return terms["loss"], {k: v for k, v in terms.items() if k != "loss"}
 
     loss_fn.takes_step = True  # for the KL warm-up (make_train_step passes step=)

@@ -62,6 +62,10 @@ class CVAELossConfig:
         best-of-many objective (Bhattacharyya et al. 2018, a departure, 0 = off). The KL
         alone only pulls the prior towards the posterior; this trains the prior's samples to
         cover the motions a scene admits, which is what a planner choosing among them needs.
+      prior_mean_ade: with a learned prior, the weight of the plain ADE of the flow decoded at
+        z = the prior's mean (a departure, 0 = off; the trainer decodes it): the decoder has
+        to predict from the observation what the observation tells, instead of reading every
+        motion from a posterior latent that the prior cannot reproduce.
     """
 
     direction: float = 10.0
@@ -79,6 +83,7 @@ class CVAELossConfig:
     prior_kl: float = -1.0
     best_of_many: int = 0
     best_of_many_weight: float = 1.0
+    prior_mean_ade: float = 0.0
 
 
 def _safe_norm(x: Array) -> Array:

@@ -156,3 +156,39 @@ def test_parameter_overview_counts_modules():
     text = loop.parameter_overview(params)
     assert text.splitlines()[0] == "parameters: 10"
     assert "a" in text and "60.0%" in text
+
+
+def test_prior_mean_ade_adds_the_decode_at_the_prior_mean():
+    """``loss.prior_mean_ade`` adds the plain ADE of the flow decoded at the prior's mean."""
+    import jax.numpy as jnp
+
+    from flipjax.models.cvae_loss import CVAELossConfig, weighted_ade
+    from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
+
+    model = FlowCVAE(CVAEConfig.variant("tiny", language_dim=8, learned_prior=True,
+                                        latent_dim=4))
+    rng = np.random.default_rng(0)
+    b, n = 2, 5
+    batch = {"history": jnp.asarray(rng.integers(0, 255, (b, 2, 32, 32, 3)), jnp.uint8),
+             "tracks": jnp.asarray(rng.uniform(4, 28, (b, n, 4, 2)), jnp.float32),
+             "text_tokens": jnp.ones((b, 3, 8), jnp.float32),
+             "text_mask": jnp.ones((b, 3), bool)}
+    x = cvae.convert_batch(batch)
+    params = model.init({"params": jax.random.key(0), "latent": jax.random.key(1)}, x["flow"],
+                        x["history"], x["text_tokens"], x["text_mask"])["params"]
+    key = jax.random.key(2)
+    base, _ = cvae.make_loss_fn(model, CVAELossConfig())(params, batch, key)
+    loss, terms = cvae.make_loss_fn(model, CVAELossConfig(prior_mean_ade=2.0))(params, batch,
+                                                                                key)
+    out = model.apply({"params": params}, x["flow"], x["history"], x["text_tokens"],
+                      x["text_mask"], rngs={"latent": key})
+    mean = model.apply({"params": params}, x["flow"][:, :, 0], x["history"], x["text_tokens"],
+                       x["text_mask"], out["prior_mu"], method=FlowCVAE.decode)["flow"]
+    want = float(weighted_ade(mean, x["flow"], up_weight=1.0))
+    assert float(terms["prior_mean_ade"]) == pytest.approx(want, rel=1e-5)
+    assert float(loss) == pytest.approx(float(base) + 2.0 * want, rel=1e-5)
+    plain = FlowCVAE(CVAEConfig.variant("tiny", language_dim=8))
+    p2 = plain.init({"params": jax.random.key(0), "latent": jax.random.key(1)}, x["flow"],
+                    x["history"], x["text_tokens"], x["text_mask"])["params"]
+    with pytest.raises(ValueError, match="learned_prior"):
+        cvae.make_loss_fn(plain, CVAELossConfig(prior_mean_ade=1.0))(p2, batch, key)
