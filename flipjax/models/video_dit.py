@@ -95,7 +95,9 @@ class Conditions:
     flow_cells: Array | None = None
 
 
-# Cells around a moving track the gate opens (scratch knob for the issue-18 sweep).
+# Cells around a moving track the residual gate opens. Toy world, step 666: radius 0 scores
+# the frames 36.02 dB against 35.93 but the moving pixels 18.82 against 19.14, below the
+# warp's 19.01 (the network cannot reach the edges of what moves).
 GATE_RADIUS = 1
 
 
