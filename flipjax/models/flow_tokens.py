@@ -195,7 +195,9 @@ def motion_mask(cells: Array, patch: int, size: tuple[int, int], radius: int = 1
       cells: float[B N Lf 2] tracks on the patch grid (col, row), as for :func:`warp_latents`.
       patch: the DiT's patch size.
       size: (h, w) of the latent grid.
-      radius: cells added around every touched cell.
+      radius: cells added around every touched cell. Toy world, step 666: 0 scores the
+        frames 36.02 dB against 35.93 for 1, but the moving pixels 18.82 against 19.14, below
+        the warp's 19.01 (the correction cannot reach the edges of what moves).
 
     Returns:
       float32[B Lf-1 h w 1] in [0, 1]: 0 where no track moved near the cell by that step (a
