@@ -95,7 +95,6 @@ class Conditions:
     flow_cells: Array | None = None
 
 
-
 def _modulate(x: Array, shift: Array, scale: Array) -> Array:
     """x float[B G L D] * (1 + scale[B D]) + shift[B D], broadcast over groups and tokens."""
     return x * (1 + scale[:, None, None]) + shift[:, None, None]
