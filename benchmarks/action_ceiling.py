@@ -3,7 +3,7 @@ frames at every planning step (a perfect dynamics model) and, where it chooses, 
 closest to the script's own tracks (a perfect value).
 
   python -m benchmarks.action_ceiling --runs DIR --out FILE.json [--problems N]
-      [--candidates K] [--seed S] [--quick]
+      [--candidates K] [--seed S] [--query_grid G] [--object_window R] [--quick]
 
 ``--runs`` is a quickstart or ``benchmarks.world_model`` workdir (``cvae/``, ``dit/``,
 ``value/``); the problems, queries, horizon and motion readout are the ones
@@ -87,9 +87,10 @@ def _proposers(cvae: Any, params: Any, candidates: int) -> dict[str, Any]:
             "prior_mean": prior_mean}
 
 
-def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool
-        ) -> dict[str, Any]:
-    """Plans ``num_problems`` toy problems per mode (see the module docstring).
+def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
+        queries: dict[str, int] | None = None) -> dict[str, Any]:
+    """Plans ``num_problems`` toy problems per mode (see the module docstring); ``queries``
+    overrides the plan's ``query_grid`` / ``object_window``.
 
     Returns:
       ``success_<mode>`` and ``target_distance_m_<mode>`` per mode, ``per_problem`` (the
@@ -119,6 +120,8 @@ def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool
     apply_overrides(pc, toy_world_model.get_config("quick" if quick else None).plan.to_dict(),
                     "config.plan", source="experiments/configs/plan.py")
     pc.runs, pc.seed, pc.num_problems = str(runs), int(seed), int(num_problems)
+    for k, v in (queries or {}).items():
+        pc[k] = int(v)
     world, _, action_config = load_world_model(pc)
     problems = build_problems(pc, world, action_config)
     cvae_dir = str(os.path.join(runs, "cvae"))
@@ -156,7 +159,9 @@ def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool
                   f"{m} {int(outcomes[m][-1]['success'])}" for m in MODES), flush=True)
     out: dict[str, Any] = {"problems": len(problems), "candidates": candidates,
                            "horizon": chunks, "flow_horizon": length, "seed": seed,
-                           "runs": str(runs), "quick": quick}
+                           "runs": str(runs), "quick": quick,
+                           "query_grid": int(pc.query_grid),
+                           "object_window": int(pc.object_window)}
     for mode in MODES:
         out[f"success_{mode}"] = float(np.mean([o["success"] for o in outcomes[mode]]))
         out[f"target_distance_m_{mode}"] = float(np.mean(
@@ -180,13 +185,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0, help="The planning problems' seed.")
     p.add_argument("--quick", action="store_true",
                    help="The world-model benchmark's quick plan settings, 4 problems.")
+    p.add_argument("--query_grid", type=int, default=None,
+                   help="The planner's G x G query grid (default: the benchmark's plan).")
+    p.add_argument("--object_window", type=int, default=None,
+                   help="Half side of the query window on the task block (0: none).")
     a = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not os.path.isdir(os.path.join(a.runs, "cvae")):
         raise ValueError(f"--runs {a.runs}: no cvae/ run there (a benchmarks.world_model or "
                          "quickstart workdir)")
     n = a.problems if a.problems is not None else (4 if a.quick else 100)
-    result = run(a.runs, n, a.candidates, a.seed, a.quick)
+    overrides = {k: getattr(a, k) for k in ("query_grid", "object_window")
+                 if getattr(a, k) is not None}
+    result = run(a.runs, n, a.candidates, a.seed, a.quick, overrides)
     for mode in MODES:
         print(f"  success_{mode}: {result[f'success_{mode}']:.3f}", flush=True)
     write_result(a.out, result)

@@ -13,13 +13,13 @@ from benchmarks import action_ceiling
 def ceiling(planning_runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("ceiling") / "ceiling.json"
     action_ceiling.main(["--runs", str(planning_runs[0]), "--out", str(out), "--quick",
-                         "--problems", "2", "--candidates", "2"])
+                         "--problems", "2", "--candidates", "2", "--query_grid", "4"])
     return json.loads(out.read_text()), planning_runs[0]
 
 
 def test_every_mode_is_scored_on_every_problem(ceiling):
     res, _ = ceiling
-    assert res["problems"] == 2 and res["candidates"] == 2
+    assert res["problems"] == 2 and res["candidates"] == 2 and res["query_grid"] == 4
     for mode in action_ceiling.MODES:
         assert 0.0 <= res[f"success_{mode}"] <= 1.0
         assert len(res["per_problem"][mode]) == 2
@@ -44,7 +44,7 @@ def test_the_scripted_mode_is_the_planners_oracle_readout(ceiling):
     pc = plan_configs.get_config()
     apply_overrides(pc, toy_world_model.get_config("quick").plan.to_dict(), "config.plan",
                     source="plan.py")
-    pc.runs, pc.seed, pc.num_problems = str(runs), 0, 2
+    pc.runs, pc.seed, pc.num_problems, pc.query_grid = str(runs), 0, 2, 4
     world, _, action_config = load_world_model(pc)
     problems = build_problems(pc, world, action_config)
     length = res["flow_horizon"]
