@@ -110,8 +110,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # (prior spread 0.02 px against 0.09), which leaves the value nothing to choose.
         model=dict(point_features=32, point_feature_layers=4, point_feature_dilation=2,
                    unit_coords=True, latent_to_queries=True, relative_flow=True,
-                   learned_prior=True, latent_dim=4, context_point_features=True),
-        loss=dict(up_weight=1.0, kl=0.1, kl_batch_sum=False, robust_kl=False),
+                   learned_prior=True, latent_dim=4, context_point_features=True,
+                   # Measured and left off (docs/LEARNING.md, "What the action module
+                   # reads"); here so that --config.cvae.<field> can turn them on.
+                   point_feature_language=False, point_feature_coords=False),
+        loss=dict(up_weight=1.0, kl=0.1, kl_batch_sum=False, robust_kl=False,
+                  best_of_many=0, prior_mean_ade=0.0),
     ))
     # Dynamics module on the pixel codec at factor 2 (16x16x12 latents) in 2x2 patches: the
     # same 64 tokens of 48 values per frame as factor 4 in 1x1 patches, at the same cost, but
