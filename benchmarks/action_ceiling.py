@@ -44,9 +44,10 @@ MODES = ("scripted", "posterior", "best_of_k", "one_sample", "prior_mean")
 TARGETS = {"plan_success_min": 0.7}
 
 
-def _proposers(cvae: Any, params: Any, candidates: int) -> dict[str, Any]:
-    """Jitted ``(history, text, mask, queries, script chunk, key) -> flow float[N L 2]`` per
-    mode (batch of one problem)."""
+def _proposer(cvae: Any, params: Any, candidates: int) -> Any:
+    """``(history, text, mask, queries, script chunk, key) -> {mode: flow float[N L 2]}`` for
+    one problem's planning step: one jitted call for the posterior, the K prior samples and
+    the prior's mean, then the best-of-K and one-sample choices among the same samples."""
     import jax
 
     from flipjax.models.flow_cvae import FlowCVAE
@@ -55,36 +56,26 @@ def _proposers(cvae: Any, params: Any, candidates: int) -> dict[str, Any]:
         return cvae.apply({"params": params}, *args, **kw)
 
     @jax.jit
-    def posterior(hist, text, mask, queries, gt, key):
-        del queries, key
+    def flows(hist, text, mask, queries, gt, key):
         post = apply(gt, hist, text, mask, method=FlowCVAE.encode)
-        return apply(gt[:, :, 0], hist, text, mask, post["z_mu"], method=FlowCVAE.decode)[
-            "flow"][0]
-
-    @jax.jit
-    def samples(hist, text, mask, queries, gt, key):
-        del gt
-        return jax.vmap(lambda k: apply(queries, hist, text, mask, rngs={"latent": k},
-                                        method=FlowCVAE.sample)["flow"][0])(
-            jax.random.split(key, candidates))
-
-    @jax.jit
-    def prior_mean(hist, text, mask, queries, gt, key):
-        del gt, key
+        posterior = apply(gt[:, :, 0], hist, text, mask, post["z_mu"],
+                          method=FlowCVAE.decode)["flow"][0]
+        samples = jax.vmap(lambda k: apply(queries, hist, text, mask, rngs={"latent": k},
+                                           method=FlowCVAE.sample)["flow"][0])(
+            jax.random.split(key, candidates))                                 # K N L 2
         img, lang, _ = apply(hist, text, mask, method=FlowCVAE._embed)
         mu, _ = apply(img, lang, mask, method=FlowCVAE._prior)
-        return apply(queries, hist, text, mask, mu, method=FlowCVAE.decode)["flow"][0]
+        mean = apply(queries, hist, text, mask, mu, method=FlowCVAE.decode)["flow"][0]
+        return posterior, samples, mean
 
-    def best_of_k(hist, text, mask, queries, gt, key):
-        s = np.asarray(samples(hist, text, mask, queries, gt, key))
-        err = np.linalg.norm(s - np.asarray(gt[0])[None], axis=-1).mean(axis=(1, 2))
-        return s[int(np.argmin(err))]
+    def propose(hist, text, mask, queries, gt, key) -> dict[str, np.ndarray]:
+        posterior, samples, mean = (np.asarray(x) for x in flows(hist, text, mask, queries,
+                                                                   gt, key))
+        err = np.linalg.norm(samples - gt[0][None], axis=-1).mean(axis=(1, 2))
+        return {"posterior": posterior, "best_of_k": samples[int(np.argmin(err))],
+                "one_sample": samples[0], "prior_mean": mean}
 
-    def one_sample(hist, text, mask, queries, gt, key):
-        return np.asarray(samples(hist, text, mask, queries, gt, key))[0]
-
-    return {"posterior": posterior, "best_of_k": best_of_k, "one_sample": one_sample,
-            "prior_mean": prior_mean}
+    return propose
 
 
 def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
@@ -126,7 +117,7 @@ def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
     problems = build_problems(pc, world, action_config)
     cvae_dir = str(os.path.join(runs, "cvae"))
     cvae = builders.build_cvae(run_config(cvae_dir))
-    propose = _proposers(cvae, load_params(cvae_dir, ema=False), candidates)
+    propose = _proposer(cvae, load_params(cvae_dir, ema=False), candidates)
     chunks, length = int(pc.horizon), int(cvae.config.flow_horizon)
     hist_len = int(cvae.config.history)
     step = length - 1
@@ -146,9 +137,8 @@ def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
             hist = frames[h * step: h * step + hist_len][None]
             gt = script[h].transpose(1, 0, 2)[None]                            # 1 N L 2
             key, sub = jax.random.split(key)
-            for mode, fn in propose.items():
-                flow = np.asarray(fn(hist, text, mask, q[None], gt, sub))     # N L 2
-                flows[mode].append(flow.transpose(1, 0, 2))
+            for mode, flow in propose(hist, text, mask, q[None], gt, sub).items():
+                flows[mode].append(flow.transpose(1, 0, 2))                  # N L 2 -> L N 2
         for mode in MODES:
             plan = Plan(flows=np.stack(flows[mode])[None, None], latents=None, videos=None,
                         values=None, returns=None, best=np.zeros(1, np.int32))
