@@ -3,13 +3,15 @@ frames at every planning step (a perfect dynamics model) and, where it chooses, 
 closest to the script's own tracks (a perfect value).
 
   python -m benchmarks.action_ceiling --runs DIR --out FILE.json [--problems N]
-      [--candidates K] [--seed S] [--query_grid G] [--object_window R] [--quick]
+      [--candidates K] [--seed S] [--query_grid G] [--object_window R]
+      [--follow_queries {0,1}] [--quick]
 
 ``--runs`` is a quickstart or ``benchmarks.world_model`` workdir (``cvae/``, ``dit/``,
 ``value/``); the problems, queries, horizon and motion readout are the ones
 ``benchmarks.world_model`` plans with (``toy_world_model.py``'s ``plan``). Per problem and
 planning step the action module sees the script's true frames at that step and proposes the
-flow of that chunk; the chunks are read out into the task block's motion and judged as the
+flow of that chunk (at the plan's queries, or with ``follow_queries`` where this mode's own
+previous chunk ended); the chunks are read out into the task block's motion and judged as the
 planner's chosen plan is (``experiments.plan.scoring.toy_outcome``). Success rates of:
 
 * ``scripted``: the script's own tracks (the readout's ceiling; the world-model benchmark's
@@ -81,11 +83,13 @@ def _proposer(cvae: Any, params: Any, candidates: int) -> Any:
 def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
         queries: dict[str, int] | None = None) -> dict[str, Any]:
     """Plans ``num_problems`` toy problems per mode (see the module docstring); ``queries``
-    overrides the plan's ``query_grid`` / ``object_window``.
+    overrides the plan's ``query_grid`` / ``object_window`` / ``follow_queries``.
 
     Returns:
-      ``success_<mode>`` and ``target_distance_m_<mode>`` per mode, ``per_problem`` (the
-      successes), ``problems``, ``candidates``, ``horizon``, ``flow_horizon``.
+      ``success_<mode>``, ``target_distance_m_<mode>`` and ``displacement_ratio_<mode>``
+      (median over problems of the block's displacement over the script's) per mode,
+      ``per_problem`` (the successes), ``problems``, ``candidates``, ``horizon``,
+      ``flow_horizon``, the query settings.
 
     Raises:
       ValueError: a missing run, bad sizes.
@@ -112,7 +116,8 @@ def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
                     "config.plan", source="experiments/configs/plan.py")
     pc.runs, pc.seed, pc.num_problems = str(runs), int(seed), int(num_problems)
     for k, v in (queries or {}).items():
-        pc[k] = int(v)
+        pc[k] = bool(v) if k == "follow_queries" else int(v)
+    follow = bool(pc.follow_queries)
     world, _, action_config = load_world_model(pc)
     problems = build_problems(pc, world, action_config)
     cvae_dir = str(os.path.join(runs, "cvae"))
@@ -125,8 +130,9 @@ def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
     outcomes: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
     t0 = time.perf_counter()
     for i in range(len(problems)):
-        q = problems.queries[i]
-        script = tp.scripted_tracks(problems.toy, i, q, length, chunks)      # H L N 2
+        script = tp.scripted_tracks(problems.toy, i, problems.queries[i], length, chunks,
+                                    follow=follow)                             # H L N 2
+        queries = {m: problems.queries[i] for m in MODES}
         future = tp.future_frames(problems.toy, chunks * step, [i])[0]
         frames = np.concatenate([problems.history[i][-hist_len:], future]).astype(
             np.float32) / 127.5 - 1.0
@@ -135,15 +141,24 @@ def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
         flows["scripted"] = list(script)
         for h in range(chunks):
             hist = frames[h * step: h * step + hist_len][None]
-            gt = script[h].transpose(1, 0, 2)[None]                            # 1 N L 2
             key, sub = jax.random.split(key)
-            for mode, flow in propose(hist, text, mask, q[None], gt, sub).items():
-                flows[mode].append(flow.transpose(1, 0, 2))                  # N L 2 -> L N 2
+            if not follow:   # every mode queries the same points: one call serves them all
+                gt = script[h].transpose(1, 0, 2)[None]                        # 1 N L 2
+                chosen = propose(hist, text, mask, queries["scripted"][None], gt, sub)
+            for mode in MODES[1:]:
+                if follow:   # this mode's own queries and the script's tracks of them
+                    gt = tp.chunk_tracks(problems.toy, i, queries[mode], length, h)
+                    chosen = propose(hist, text, mask, queries[mode][None],
+                                     gt.transpose(1, 0, 2)[None], sub)
+                flows[mode].append(chosen[mode].transpose(1, 0, 2))          # N L 2 -> L N 2
+                if follow:
+                    queries[mode] = np.clip(flows[mode][-1][-1], 0.0, frames.shape[2] - 1.0)
         for mode in MODES:
             plan = Plan(flows=np.stack(flows[mode])[None, None], latents=None, videos=None,
                         values=None, returns=None, best=np.zeros(1, np.int32))
             outcomes[mode].append(toy_outcome(problems, i, plan, 0,
-                                              jax.random.fold_in(jax.random.key(seed + 1), i)))
+                                              jax.random.fold_in(jax.random.key(seed + 1), i),
+                                              follow=follow))
         print(f"action ceiling: problem {i + 1}/{len(problems)} "
               f"({time.perf_counter() - t0:.0f}s): " + ", ".join(
                   f"{m} {int(outcomes[m][-1]['success'])}" for m in MODES), flush=True)
@@ -151,11 +166,16 @@ def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
                            "horizon": chunks, "flow_horizon": length, "seed": seed,
                            "runs": str(runs), "quick": quick,
                            "query_grid": int(pc.query_grid),
-                           "object_window": int(pc.object_window)}
+                           "object_window": int(pc.object_window), "follow_queries": follow}
     for mode in MODES:
         out[f"success_{mode}"] = float(np.mean([o["success"] for o in outcomes[mode]]))
         out[f"target_distance_m_{mode}"] = float(np.mean(
             [o["target_distance_m"] for o in outcomes[mode]]))
+        # A readout that only fails by a fraction of the needed motion shows up here: the
+        # block's displacement per problem over the script's (1: as far as the script).
+        out[f"displacement_ratio_{mode}"] = float(np.median(
+            [o["block_displacement_m"] / max(s["block_displacement_m"], 1e-6)
+             for o, s in zip(outcomes[mode], outcomes["scripted"], strict=True)]))
     out["per_problem"] = {m: [bool(o["success"]) for o in outcomes[m]] for m in MODES}
     out["targets"] = TARGETS
     out["targets_met"] = {f"{m}_allows_the_planning_target": out[f"success_{m}"]
@@ -179,13 +199,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="The planner's G x G query grid (default: the benchmark's plan).")
     p.add_argument("--object_window", type=int, default=None,
                    help="Half side of the query window on the task block (0: none).")
+    p.add_argument("--follow_queries", type=int, choices=(0, 1), default=None,
+                   help="1: each chunk queries where the previous one ended (default: the "
+                        "benchmark's plan).")
     a = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not os.path.isdir(os.path.join(a.runs, "cvae")):
         raise ValueError(f"--runs {a.runs}: no cvae/ run there (a benchmarks.world_model or "
                          "quickstart workdir)")
     n = a.problems if a.problems is not None else (4 if a.quick else 100)
-    overrides = {k: getattr(a, k) for k in ("query_grid", "object_window")
+    overrides = {k: getattr(a, k) for k in ("query_grid", "object_window", "follow_queries")
                  if getattr(a, k) is not None}
     result = run(a.runs, n, a.candidates, a.seed, a.quick, overrides)
     for mode in MODES:

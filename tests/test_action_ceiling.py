@@ -9,22 +9,27 @@ import pytest
 from benchmarks import action_ceiling
 
 
-@pytest.fixture(scope="module")
-def ceiling(planning_runs, tmp_path_factory):
+@pytest.fixture(scope="module", params=[0, 1], ids=["fixed", "follow"])
+def ceiling(request, planning_runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("ceiling") / "ceiling.json"
     action_ceiling.main(["--runs", str(planning_runs[0]), "--out", str(out), "--quick",
-                         "--problems", "2", "--candidates", "2", "--query_grid", "4"])
+                         "--problems", "2", "--candidates", "2", "--query_grid", "4",
+                         "--follow_queries", str(request.param)])
     return json.loads(out.read_text()), planning_runs[0]
 
 
 def test_every_mode_is_scored_on_every_problem(ceiling):
     res, _ = ceiling
     assert res["problems"] == 2 and res["candidates"] == 2 and res["query_grid"] == 4
+    assert res["follow_queries"] in (True, False)
     for mode in action_ceiling.MODES:
         assert 0.0 <= res[f"success_{mode}"] <= 1.0
         assert len(res["per_problem"][mode]) == 2
         assert res[f"success_{mode}"] == np.mean(res["per_problem"][mode])
         assert res[f"target_distance_m_{mode}"] >= 0.0
+        assert res[f"displacement_ratio_{mode}"] >= 0.0
+    # The script's own tracks move the block exactly as far as the script.
+    assert res["displacement_ratio_scripted"] == pytest.approx(1.0)
     assert set(res["targets_met"]) == {f"{m}_allows_the_planning_target"
                                        for m in action_ceiling.MODES}
 
@@ -52,7 +57,8 @@ def test_the_scripted_mode_is_the_planners_oracle_readout(ceiling):
         shape = (1, 1, res["horizon"], length, len(problems.queries[i]), 2)
         plan = Plan(flows=np.zeros(shape, np.float32), latents=None, videos=None, values=None,
                     returns=None, best=np.zeros(1, np.int32))
-        want = oracle_outcome(problems, i, plan, jax.random.fold_in(jax.random.key(1), i))
+        want = oracle_outcome(problems, i, plan, jax.random.fold_in(jax.random.key(1), i),
+                              follow=res["follow_queries"])
         assert res["per_problem"]["scripted"][i] == want["success"]
 
 

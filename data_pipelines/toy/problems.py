@@ -260,13 +260,14 @@ def scripted_motion(problems: ToyProblems, i: int) -> np.ndarray:
 
 
 def scripted_tracks(problems: ToyProblems, i: int, queries: np.ndarray, horizon: int,
-                    chunks: int) -> np.ndarray:
+                    chunks: int, follow: bool = False) -> np.ndarray:
     """The script's own tracks of ``queries``, laid out as a plan's flows (an oracle plan).
 
     Chunk h starts at step ``start + h * (horizon - 1)`` of the episode, where the queries start
-    afresh (as the planner restarts its queries at every planning step); the tracks are exact
-    (``ground_truth_tracks.track_ground_truth``), and frames past the episode's end repeat its
-    last frame.
+    afresh (as the planner restarts its queries at every planning step) or, with ``follow``,
+    where the previous chunk's tracks ended, clipped to the frame (the planner's
+    ``follow_queries``); the tracks are exact (``ground_truth_tracks.track_ground_truth``),
+    and frames past the episode's end repeat its last frame.
 
     Args:
       problems: the problems.
@@ -274,6 +275,7 @@ def scripted_tracks(problems: ToyProblems, i: int, queries: np.ndarray, horizon:
       queries: float[N 2] pixel (u, v) query points.
       horizon: L, steps per chunk including its first frame.
       chunks: H, planning steps.
+      follow: chain each chunk's queries from the previous chunk's ends.
 
     Returns:
       float32[H L N 2], comparable with ``Plan.flows[p, b]``.
@@ -289,6 +291,12 @@ def scripted_tracks(problems: ToyProblems, i: int, queries: np.ndarray, horizon:
         raise ValueError(f"queries: expected float[N 2], got shape {list(q.shape)}")
     if int(horizon) < 2 or int(chunks) < 1:
         raise ValueError(f"horizon must be >= 2 and chunks >= 1, got {horizon}, {chunks}")
+    if follow:
+        out = []
+        for h in range(int(chunks)):
+            out.append(chunk_tracks(problems, i, q, horizon, h))
+            q = np.clip(out[-1][-1], 0.0, float(problems.config.image_size - 1))
+        return np.stack(out)
     ep = sample_episode(episode_rng(problems.seed, SPLIT, int(problems.episodes[i])),
                         problems.config)
     t0, step = int(problems.start_steps[i]), int(horizon) - 1
@@ -299,6 +307,46 @@ def scripted_tracks(problems: ToyProblems, i: int, queries: np.ndarray, horizon:
                                    np.stack([v[1] for v in views]), poses, problems.K, q,
                                    int(horizon))
     return tracks[::step][:chunks].transpose(0, 2, 1, 3).astype(np.float32)
+
+
+def chunk_tracks(problems: ToyProblems, i: int, queries: np.ndarray, horizon: int,
+                 chunk: int) -> np.ndarray:
+    """The script's own tracks of ``queries`` over planning step ``chunk`` alone.
+
+    The chunk starts at step ``start + chunk * (horizon - 1)`` of problem ``i``'s episode;
+    frames past the episode's end repeat its last frame (as :func:`scripted_tracks`).
+
+    Args:
+      problems: the problems.
+      i: problem index.
+      queries: float[N 2] pixel (u, v) points in the chunk's first frame.
+      horizon: L, steps per chunk including its first frame.
+      chunk: h >= 0.
+
+    Returns:
+      float32[L N 2].
+
+    Raises:
+      ValueError: for a bad index, queries that are not [N 2], or bad sizes.
+    """
+    from data_pipelines.tracks.ground_truth import track_ground_truth
+
+    i = _check_index(problems, i)
+    q = np.asarray(queries, np.float32)
+    if q.ndim != 2 or q.shape[-1] != 2:
+        raise ValueError(f"queries: expected float[N 2], got shape {list(q.shape)}")
+    if int(horizon) < 2 or int(chunk) < 0:
+        raise ValueError(f"horizon must be >= 2 and chunk >= 0, got {horizon}, {chunk}")
+    ep = sample_episode(episode_rng(problems.seed, SPLIT, int(problems.episodes[i])),
+                        problems.config)
+    first = int(problems.start_steps[i]) + int(chunk) * (int(horizon) - 1)
+    frames = np.minimum(first + np.arange(int(horizon)), len(ep.poses) - 1)
+    views = [render(ep.scene, ep.poses[t], 1) for t in frames]
+    poses = np.stack([camera_poses(problems.config, ep.poses[t]) for t in frames])
+    tracks, _ = track_ground_truth(np.stack([v[2] for v in views]),
+                                   np.stack([v[1] for v in views]), poses, problems.K, q,
+                                   int(horizon))
+    return tracks[0].transpose(1, 0, 2).astype(np.float32)
 
 
 def future_frames(problems: ToyProblems, frames: int,

@@ -66,6 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # and lies under at most one grid query; r = 6 keeps queries under it while it moves
     # within reach of a few planning steps.
     c.object_window = 6
+    # Each planning step queries where the previous step's kept tracks ended (the queries on
+    # the block stay on it) instead of the same points again (official FLIP).
+    c.follow_queries = False
     c.clip_x0 = 4.0  # 0: no clipping; 4 as the quickstart DiT's evaluation (unit-std latents)
     c.compare_no_value = False  # also plan FLIP-NV on the same problems and keys
 

@@ -39,7 +39,8 @@ PROBLEMS_DIR = "problems"
 PLAN_FIELDS = ("runs", "action_dir", "dynamics_dir", "value_dir", "codec_dir", "ema", "dtype",
                "problems", "start", "seed", "beams", "candidates", "horizon", "replace_every",
                "discount", "value_on", "sampler", "sample_steps", "eta", "guidance_scale",
-               "use_value", "query_grid", "object_window", "clip_x0", "compare_no_value")
+               "use_value", "query_grid", "object_window", "follow_queries", "clip_x0",
+               "compare_no_value")
 EMA_CHOICES = {"auto": None, "ema": True, "params": False}
 RUN_DIRS = (("action_dir", "cvae"), ("dynamics_dir", "dit"), ("value_dir", "value"))
 
@@ -82,7 +83,7 @@ def plan_config(config: Config, schedule: Any, use_value: bool | None = None) ->
         sampler=str(config.sampler), sample_steps=sample_steps(config.sample_steps),
         eta=float(config.eta), guidance_scale=float(config.guidance_scale),
         use_value=bool(config.use_value if use_value is None else use_value),
-        query_grid=int(config.query_grid),
+        query_grid=int(config.query_grid), follow_queries=bool(config.follow_queries),
         clip_x0=float(config.clip_x0) if config.clip_x0 else None, schedule=schedule)
 
 
@@ -261,11 +262,13 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
                 entry = _beams(plan, j)
                 if problems.toy is not None:
                     entry["outcome"] = toy_outcome(problems, i, plan, j,
-                                                   jax.random.fold_in(fit_key, i))
+                                                   jax.random.fold_in(fit_key, i),
+                                                   follow=bool(config.follow_queries))
                 record[name] = entry
                 if problems.toy is not None and "scripted_plan" not in record:
                     record["scripted_plan"] = {"outcome": oracle_outcome(
-                        problems, i, plan, jax.random.fold_in(fit_key, i))}
+                        problems, i, plan, jax.random.fold_in(fit_key, i),
+                        follow=bool(config.follow_queries))}
                 if i < int(config.write_media):
                     suffix = "" if name == "value_guided" else "_no_value"
                     record["media"] += write_media(folder, problems, i, plan, j, suffix,

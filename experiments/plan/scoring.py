@@ -57,13 +57,17 @@ def toy_flow_response(world: WorldModel, problems: Problems, rows: Any, history:
     return {f"dynamics_{k}": float(v) for k, v in out.items()}
 
 
-def toy_outcome(problems: Problems, i: int, plan: Any, j: int, key: Any) -> dict[str, Any]:
+def toy_outcome(problems: Problems, i: int, plan: Any, j: int, key: Any,
+                follow: bool = False) -> dict[str, Any]:
     """Fits the task block's motion from the chosen beam of row ``j`` of ``plan`` (problem
-    ``i``) and judges it with the task's success predicate."""
+    ``i``) and judges it with the task's success predicate. ``follow``: the plan was searched
+    with ``follow_queries``, so each chunk's tracks start at its own query points (the
+    previous chunk's ends) rather than at ``problems.queries``."""
     toy = problems.toy
     one = jax.tree.map(lambda x: x[j:j + 1], plan)
     acts = plan_to_actions(one, toy.depth[i:i + 1], toy.K, object_mask=toy.object_mask[i:i + 1],
-                           extrinsics=toy.extrinsics, queries=problems.queries[i:i + 1], key=key)
+                           extrinsics=toy.extrinsics,
+                           queries=None if follow else problems.queries[i:i + 1], key=key)
     motion_camera = np.asarray(acts.transforms[0, -1], np.float64)
     motion = tp.camera_to_world_motion(toy, motion_camera)
     task = toy.tasks[i]
@@ -82,13 +86,15 @@ def toy_outcome(problems: Problems, i: int, plan: Any, j: int, key: Any) -> dict
     }
 
 
-def oracle_outcome(problems: Problems, i: int, plan: Any, key: Any) -> dict[str, Any]:
+def oracle_outcome(problems: Problems, i: int, plan: Any, key: Any,
+                   follow: bool = False) -> dict[str, Any]:
     """``toy_outcome`` of the script's own tracks of problem ``i``'s queries over the plan's
-    chunks (``toy_problems.scripted_tracks``): what a perfect world model would score with this
-    horizon, query grid and motion readout. Laid out like ``plan`` (every beam the same), so
-    ``plan_to_actions`` runs the program it already compiled."""
+    chunks (``toy_problems.scripted_tracks``, following its queries with ``follow``): what a
+    perfect world model would score with this horizon, query layout and motion readout. Laid
+    out like ``plan`` (every beam the same), so ``plan_to_actions`` runs the program it
+    already compiled."""
     _, b, hz, ll, _, _ = plan.flows.shape
-    flows = tp.scripted_tracks(problems.toy, i, problems.queries[i], ll, hz)
+    flows = tp.scripted_tracks(problems.toy, i, problems.queries[i], ll, hz, follow=follow)
     oracle = Plan(flows=np.broadcast_to(flows, (1, b, *flows.shape)), latents=None,
                   videos=None, values=None, returns=None, best=np.zeros(1, np.int32))
-    return toy_outcome(problems, i, oracle, 0, key)
+    return toy_outcome(problems, i, oracle, 0, key, follow=follow)

@@ -84,6 +84,11 @@ class PlanConfig:
         ``WorldModel.null_conditions``.
       use_value: False is the FLIP-NV ablation (random candidate kept, no replacement).
       query_grid: G, the default query points are the G x G grid of pixel centres.
+      follow_queries: each planning step after the first queries the end points of the
+        previous step's kept tracks (clipped to the frame) instead of the same points again
+        (official FLIP). Points on a moving object then stay on it over the whole plan; with
+        fixed queries a small object leaves the queries around its start and its later
+        motion goes unread (docs/LEARNING.md, "Queries that follow the motion").
       clip_x0: clip the sampler's predicted x0 to [-clip_x0, clip_x0] (None: no clipping).
       schedule: the diffusion process the dynamics model was trained with.
     """
@@ -100,6 +105,7 @@ class PlanConfig:
     guidance_scale: float = 1.0
     use_value: bool = True
     query_grid: int = 8
+    follow_queries: bool = False
     clip_x0: float | None = None
     schedule: diffusion.Schedule = dataclasses.field(
         default_factory=lambda: diffusion.linear_schedule(1000))
@@ -171,6 +177,7 @@ class BeamState(NamedTuple):
     videos: Array          # float[B H F Hi Wi 3]
     values: Array          # float[B H]
     returns: Array         # float[B]
+    queries: Array         # float[B N 2], the next step's query points
 
 
 def grid_queries(grid: int, height: int, width: int) -> Array:
@@ -283,14 +290,15 @@ def _plan_one(wm: WorldModel, history: Array, text_tokens: Array, text_mask: Arr
     latent0 = wm.encode(wm.codec_params, history[th - tl:].astype(jnp.float32))  # Tl h w C
     text_r = jnp.broadcast_to(text_tokens, (rows, *text_tokens.shape))
     mask_r = jnp.broadcast_to(text_mask, (rows, *text_mask.shape))
-    queries_r = jnp.broadcast_to(queries, (rows, *queries.shape))
+    queries = queries.astype(jnp.float32)
     pixel0 = history.astype(jnp.float32)
+    limit = jnp.asarray([history.shape[2] - 1, history.shape[1] - 1], jnp.float32)  # (u, v)
 
-    def propose(pixel_history: Array, k: PRNGKey) -> Array:
+    def propose(pixel_history: Array, queries_r: Array, k: PRNGKey) -> Array:
         return wm.propose(wm.action_params, pixel_history, queries_r, text_r, mask_r, k)
 
     flow_shape = jax.eval_shape(propose, jnp.zeros((rows, *pixel0.shape), jnp.float32),
-                                key).shape
+                                jnp.zeros((rows, *queries.shape), jnp.float32), key).shape
     if len(flow_shape) != 4 or flow_shape[0] != rows or flow_shape[1] != queries.shape[0] \
             or flow_shape[3] != 2 or flow_shape[2] < 2:
         raise ValueError(f"WorldModel.propose must return flows float[{rows} "
@@ -304,14 +312,16 @@ def _plan_one(wm: WorldModel, history: Array, text_tokens: Array, text_mask: Arr
         latents=jnp.zeros((b, hz, f, *latent0.shape[1:]), jnp.float32),
         videos=jnp.zeros((b, hz, f, *pixel0.shape[1:]), jnp.float32),
         values=jnp.zeros((b, hz), jnp.float32),
-        returns=jnp.zeros((b,), jnp.float32))
+        returns=jnp.zeros((b,), jnp.float32),
+        queries=jnp.broadcast_to(queries, (b, *queries.shape)))
     beam_ids = jnp.arange(b)
 
     def step(state: BeamState, inp: tuple[Array, PRNGKey]) -> tuple[BeamState, None]:
         h, k = inp
         k_prop, k_dyn, k_pick = jax.random.split(k, 3)
         pixel_r = jnp.repeat(state.pixel_history, a, axis=0)  # rows beam-major: b * A + a
-        flows = propose(pixel_r, k_prop).astype(jnp.float32)
+        flows = propose(pixel_r, jnp.repeat(state.queries, a, axis=0),
+                        k_prop).astype(jnp.float32)
         latents, frames, values = rollout_candidates(
             wm, jnp.repeat(state.latent_history, a, axis=0), pixel_r, flows, text_r, mask_r,
             k_dyn, config)
@@ -328,7 +338,9 @@ def _plan_one(wm: WorldModel, history: Array, text_tokens: Array, text_mask: Arr
             latents=state.latents.at[:, h].set(lat),
             videos=state.videos.at[:, h].set(vid),
             values=state.values.at[:, h].set(val),
-            returns=state.returns + jnp.power(config.discount, h.astype(jnp.float32)) * val)
+            returns=state.returns + jnp.power(config.discount, h.astype(jnp.float32)) * val,
+            queries=(jnp.clip(flows[kept][:, :, -1], 0.0, limit) if config.follow_queries
+                     else state.queries))
         if config.use_value and config.replace_every > 0 and b > 1:
             due = ((h + 1) % config.replace_every == 0) & (h + 1 < hz)
             worst, best = jnp.argmin(state.returns), jnp.argmax(state.returns)

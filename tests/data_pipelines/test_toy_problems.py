@@ -194,6 +194,34 @@ def test_scripted_tracks_follow_the_block(problems):
     assert np.abs(expect - np.stack([cols, rows], -1)).max() > 0.5  # the block did move
 
 
+def test_followed_scripted_tracks_chain_the_chunks(problems):
+    """``follow``: chunk h starts where chunk h-1 ended (clipped to the frame), each chunk is
+    the script's tracks of those points (``chunk_tracks``), and the points on the moving block
+    stay on it, where fixed queries lose it."""
+    i = next(k for k, t in enumerate(problems.tasks) if t.kind == "push")
+    v, u = np.nonzero(problems.object_mask[i])
+    queries = np.stack([u, v], -1).astype(np.float32)
+    fixed = tp.scripted_tracks(problems, i, queries, 4, 4)
+    tracks = tp.scripted_tracks(problems, i, queries, 4, 4, follow=True)
+    assert tracks.shape == fixed.shape == (4, 4, len(queries), 2)
+    np.testing.assert_allclose(tracks[0], fixed[0], atol=1e-5)
+    np.testing.assert_allclose(tracks[1:, 0], np.clip(tracks[:-1, -1], 0, SIZE - 1), atol=1e-6)
+    for h in range(4):
+        np.testing.assert_allclose(tracks[h], tp.chunk_tracks(problems, i, tracks[h, 0], 4, h),
+                                   atol=1e-6)
+        np.testing.assert_allclose(fixed[h], tp.chunk_tracks(problems, i, queries, 4, h),
+                                   atol=1e-6)
+    moved = lambda t: np.linalg.norm(t[:, -1] - t[:, 0], axis=-1).mean(-1)  # noqa: E731
+    # The followed points keep moving with the block in every chunk; the fixed ones, once
+    # the block has left them, stand on the table.
+    assert moved(tracks).min() > 0.5, moved(tracks)
+    assert moved(fixed)[-1] < 0.5 * moved(tracks)[-1], (moved(fixed), moved(tracks))
+    with pytest.raises(ValueError, match=r"queries: expected float\[N 2\]"):
+        tp.chunk_tracks(problems, i, queries[:, :1], 4, 0)
+    with pytest.raises(ValueError, match="chunk >= 0"):
+        tp.chunk_tracks(problems, i, queries, 4, -1)
+
+
 def test_ending_clips_faithful_and_failed(problems):
     from data_pipelines.toy.tasks import episode_rng
 

@@ -209,6 +209,39 @@ def test_replacement_copies_whole_beam_state():
         v0[best] + float(plan.values[0, worst, 1]), abs=1e-5)
 
 
+def propose_at_queries(params, frames, queries, text_tokens, text_mask, key):
+    """Flows that start at the queries (as the CVAE's do): each row's action from there."""
+    del frames, text_tokens, text_mask
+    actions = params["actions"]
+    d = actions[jax.random.randint(key, (queries.shape[0],), 0, actions.shape[0])]
+    frac = jnp.arange(L, dtype=jnp.float32) / (L - 1)
+    return queries[:, :, None] + frac[:, None] * d[:, None, None]
+
+
+@pytest.mark.parametrize("replace_every", [0, 1])
+def test_followed_queries_chain_the_kept_tracks(replace_every):
+    """With ``follow_queries`` each step queries where the kept tracks of the step before
+    ended, clipped to the frame (through beam replacement too); without it, the same points."""
+    world = make_world(propose=propose_at_queries)
+    history, text, mask = problems([(0.0, 0.0), (1.0, -1.0)], GOALS)
+    cfg = PlanConfig(beams=3, candidates=4, horizon=4, replace_every=replace_every,
+                     discount=0.9, sample_steps=2)
+    queries = jnp.array([[0.0, 0.0], [3.0, 5.0], [7.0, 7.0]], jnp.float32)
+    key = jax.random.PRNGKey(5)
+    fixed = np.asarray(hill_climb(world, history, text, mask, key, cfg, queries=queries).flows)
+    np.testing.assert_allclose(fixed[:, :, :, 0], np.broadcast_to(
+        queries, fixed[:, :, :, 0].shape), atol=1e-6)
+    flows = np.asarray(hill_climb(world, history, text, mask, key,
+                                  dataclasses.replace(cfg, follow_queries=True),
+                                  queries=queries).flows)                       # P B H L N 2
+    np.testing.assert_allclose(flows[:, :, 0, 0], fixed[:, :, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(flows[:, :, 1:, 0], np.clip(flows[:, :, :-1, -1], 0, SIZE - 1),
+                               atol=1e-6)
+    # The points do move (the case is not trivial), and some reach the frame's border.
+    assert np.abs(flows[:, :, -1, 0] - queries).max() >= 2.0
+    assert np.any(flows[:, :, :-1, -1] != np.clip(flows[:, :, :-1, -1], 0, SIZE - 1))
+
+
 def test_values_are_per_candidate():
     r = 4
     starts = jnp.asarray([[0.0, 0.0], [1.0, 2.0], [-2.0, 1.0], [0.0, -1.0]])
