@@ -211,7 +211,7 @@ def test_followed_scripted_tracks_chain_the_chunks(problems):
                                    atol=1e-6)
         np.testing.assert_allclose(fixed[h], tp.chunk_tracks(problems, i, queries, 4, h),
                                    atol=1e-6)
-    moved = lambda t: np.linalg.norm(t[:, -1] - t[:, 0], axis=-1).mean(-1)  # noqa: E731
+    moved = lambda t: np.linalg.norm(t[:, -1] - t[:, 0], axis=-1).mean(-1)
     # The followed points keep moving with the block in every chunk; the fixed ones, once
     # the block has left them, stand on the table.
     assert moved(tracks).min() > 0.5, moved(tracks)
