@@ -54,7 +54,8 @@ def _dtype(config: Config) -> Any:
 
 def cvae_config(config: Config) -> CVAEConfig:
     """``CVAEConfig.variant(config.model.size, **the other model fields)``, validated."""
-    m = config.model.to_dict()
+    # A None field keeps the size's own value (the configs' width and depth overrides).
+    m = {k: v for k, v in config.model.to_dict().items() if v is not None}
     size = m.pop("size")
     m["img_size"] = tuple(int(s) for s in m["img_size"])
     cfg = CVAEConfig.variant(size, **m)
