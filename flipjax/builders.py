@@ -52,10 +52,14 @@ def _dtype(config: Config) -> Any:
 # ------------------------------------------------------------------------------------------
 
 
+SIZE_FIELDS = ("hidden", "encoder_layers", "decoder_layers", "num_heads")
+
+
 def cvae_config(config: Config) -> CVAEConfig:
     """``CVAEConfig.variant(config.model.size, **the other model fields)``, validated."""
-    # A None field keeps the size's own value (the configs' width and depth overrides).
-    m = {k: v for k, v in config.model.to_dict().items() if v is not None}
+    m = config.model.to_dict()
+    # 0 (or None) keeps the size's own width and depth (the configs' capacity overrides).
+    m = {k: v for k, v in m.items() if k not in SIZE_FIELDS or v}
     size = m.pop("size")
     m["img_size"] = tuple(int(s) for s in m["img_size"])
     cfg = CVAEConfig.variant(size, **m)

@@ -51,8 +51,8 @@ def cvae_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         context_point_features=False,  # the point feature map pooled into the image tokens
         # The point feature map also reads the instruction (FiLM) and the pixel coordinates
         point_feature_language=False, point_feature_coords=False,
-        # Width and depth other than the size's (None: the size's own), for capacity studies.
-        hidden=None, encoder_layers=None, decoder_layers=None, num_heads=None,
+        # Width and depth other than the size's (0: the size's own), for capacity studies.
+        hidden=0, encoder_layers=0, decoder_layers=0, num_heads=0,
     ))
     # The official recipe: AdamW at 1e-4, constant. The official global batch size was not
     # verified from the released configs; 64 is a placeholder to tune per device count.

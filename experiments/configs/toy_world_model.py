@@ -113,7 +113,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    learned_prior=True, latent_dim=4, context_point_features=True,
                    # Measured and left off (docs/LEARNING.md, "What the action module
                    # reads"); here so that --config.cvae.<field> can turn them on.
-                   point_feature_language=False, point_feature_coords=False),
+                   point_feature_language=False, point_feature_coords=False,
+                   # The tiny size's width and depth (0), overridable for capacity studies.
+                   hidden=0, encoder_layers=0, decoder_layers=0),
         loss=dict(up_weight=1.0, kl=0.1, kl_batch_sum=False, robust_kl=False,
                   best_of_many=0, prior_mean_ade=0.0),
     ))
