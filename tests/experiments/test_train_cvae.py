@@ -145,6 +145,16 @@ def test_configs_build_without_data(module, hidden):
         module.get_config("fast")
 
 
+def test_width_and_depth_overrides_replace_the_sizes_own():
+    c = cvae_small.get_config("runlocal")
+    tiny = builders.cvae_config(c)
+    with c.unlocked():
+        c.model.hidden, c.model.decoder_layers = 128, 5
+    wide = builders.cvae_config(c)
+    assert (wide.hidden, wide.decoder_layers) == (128, 5)
+    assert (wide.encoder_layers, wide.num_heads) == (tiny.encoder_layers, tiny.num_heads)
+
+
 def test_empty_data_dir_is_a_clear_error(tmp_path):
     c = cvae_small.get_config()
     with pytest.raises(ValueError, match="data_dir"):
