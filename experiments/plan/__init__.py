@@ -38,6 +38,9 @@ Toy problems query the ``query_grid`` grid plus, with ``object_window`` r > 0, e
 a (2r+1)^2 window around the task block: the block's motion is read from the queries on it
 (``plan_to_actions`` needs 3 per planning step), and at the toy's 32 x 32 frames a block is
 3-4 px wide, under at most one query of the 8 x 8 grid the models were trained with.
+With ``follow_queries`` each planning step after the first queries where the kept tracks of
+the step before ended (the window moves with the block), and the readout and the scripted
+oracle chain their chunks the same way.
 
 Every problem's key is derived from ``seed`` and its index only, so a problem plans the same in
 any batch. Reruns skip problems whose ``plan.json`` exists and recompute the summary from all
