@@ -285,10 +285,7 @@ def scripted_tracks(problems: ToyProblems, i: int, queries: np.ndarray, horizon:
     """
     from data_pipelines.tracks.ground_truth import track_ground_truth
 
-    i = _check_index(problems, i)
-    q = np.asarray(queries, np.float32)
-    if q.ndim != 2 or q.shape[-1] != 2:
-        raise ValueError(f"queries: expected float[N 2], got shape {list(q.shape)}")
+    i, q = _check_index(problems, i), _check_queries(queries)
     if int(horizon) < 2 or int(chunks) < 1:
         raise ValueError(f"horizon must be >= 2 and chunks >= 1, got {horizon}, {chunks}")
     if follow:
@@ -297,16 +294,30 @@ def scripted_tracks(problems: ToyProblems, i: int, queries: np.ndarray, horizon:
             out.append(chunk_tracks(problems, i, q, horizon, h))
             q = np.clip(out[-1][-1], 0.0, float(problems.config.image_size - 1))
         return np.stack(out)
+    step = int(horizon) - 1
+    depth, seg, poses = _script_views(problems, i, 0, chunks * step + 1)
+    tracks, _ = track_ground_truth(depth, seg, poses, problems.K, q, int(horizon))
+    return tracks[::step][:chunks].transpose(0, 2, 1, 3).astype(np.float32)
+
+
+def _check_queries(queries: np.ndarray) -> np.ndarray:
+    q = np.asarray(queries, np.float32)
+    if q.ndim != 2 or q.shape[-1] != 2:
+        raise ValueError(f"queries: expected float[N 2], got shape {list(q.shape)}")
+    return q
+
+
+def _script_views(problems: ToyProblems, i: int, offset: int, count: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(depth, segmentation, object poses) of steps start + offset + [0, count) of problem
+    ``i``'s episode, steps past its end repeating its last."""
     ep = sample_episode(episode_rng(problems.seed, SPLIT, int(problems.episodes[i])),
                         problems.config)
-    t0, step = int(problems.start_steps[i]), int(horizon) - 1
-    frames = np.minimum(t0 + np.arange(chunks * step + 1), len(ep.poses) - 1)
+    first = int(problems.start_steps[i]) + int(offset)
+    frames = np.minimum(first + np.arange(int(count)), len(ep.poses) - 1)
     views = [render(ep.scene, ep.poses[t], 1) for t in frames]
     poses = np.stack([camera_poses(problems.config, ep.poses[t]) for t in frames])
-    tracks, _ = track_ground_truth(np.stack([v[2] for v in views]),
-                                   np.stack([v[1] for v in views]), poses, problems.K, q,
-                                   int(horizon))
-    return tracks[::step][:chunks].transpose(0, 2, 1, 3).astype(np.float32)
+    return np.stack([v[2] for v in views]), np.stack([v[1] for v in views]), poses
 
 
 def chunk_tracks(problems: ToyProblems, i: int, queries: np.ndarray, horizon: int,
@@ -331,21 +342,12 @@ def chunk_tracks(problems: ToyProblems, i: int, queries: np.ndarray, horizon: in
     """
     from data_pipelines.tracks.ground_truth import track_ground_truth
 
-    i = _check_index(problems, i)
-    q = np.asarray(queries, np.float32)
-    if q.ndim != 2 or q.shape[-1] != 2:
-        raise ValueError(f"queries: expected float[N 2], got shape {list(q.shape)}")
+    i, q = _check_index(problems, i), _check_queries(queries)
     if int(horizon) < 2 or int(chunk) < 0:
         raise ValueError(f"horizon must be >= 2 and chunk >= 0, got {horizon}, {chunk}")
-    ep = sample_episode(episode_rng(problems.seed, SPLIT, int(problems.episodes[i])),
-                        problems.config)
-    first = int(problems.start_steps[i]) + int(chunk) * (int(horizon) - 1)
-    frames = np.minimum(first + np.arange(int(horizon)), len(ep.poses) - 1)
-    views = [render(ep.scene, ep.poses[t], 1) for t in frames]
-    poses = np.stack([camera_poses(problems.config, ep.poses[t]) for t in frames])
-    tracks, _ = track_ground_truth(np.stack([v[2] for v in views]),
-                                   np.stack([v[1] for v in views]), poses, problems.K, q,
-                                   int(horizon))
+    depth, seg, poses = _script_views(problems, i, int(chunk) * (int(horizon) - 1),
+                                      int(horizon))
+    tracks, _ = track_ground_truth(depth, seg, poses, problems.K, q, int(horizon))
     return tracks[0].transpose(1, 0, 2).astype(np.float32)
 
 
