@@ -23,7 +23,10 @@ planner's chosen plan is (``experiments.plan.scoring.toy_outcome``). Success rat
 * ``one_sample``: one prior sample per step (FLIP-NV with perfect dynamics);
 * ``prior_mean``: the flow decoded at the prior's mean (N(0, I): z = 0).
 
-``targets_met`` says which of them reach issue 18's planning target (70%).
+Beside each success rate: ``target_distance_m_<mode>`` (the block's final distance to its
+target) and ``displacement_ratio_<mode>`` (median over problems of the block's displacement
+over the script's: below 1, the flows fall short). ``targets_met`` says which of them reach
+issue 18's planning target (70%).
 
 A planner with this action module cannot beat ``best_of_k`` by choosing better, and cannot
 beat ``posterior`` whatever its prior.
