@@ -40,7 +40,8 @@ QUICK = "quick"
 # CVAE still underfits there (posterior on moving points 1.72 px on its training clips, 1.81
 # held out), and 12000 steps took the held-out best of 8 from 2.54 to 2.09 px and the prior
 # from 5.38 to 3.58 (no motion 4.67; docs/LEARNING.md, "Training the CVAE longer"). 10000 keeps
-# the whole training under the hour (about 22 minutes for the CVAE, 54 in all).
+# the whole training under the hour: the fourth full run trained in 3422 s (57 minutes, a
+# niced test run beside it; the CVAE 23 minutes) and planned in 762 s.
 STEPS = {"cvae": 10000, "dit": 2000, "value": 2400}
 
 
