@@ -415,7 +415,9 @@ def hill_climb(world_model: WorldModel, history: Array, text_tokens: Array, text
         then plans exactly as ``hill_climb`` on problem p alone with ``key[p:p+1]``).
       config: the search settings (static: a new config compiles a new program).
       queries: float[N 2] or float[P N 2] pixel query points; None: the ``config.query_grid``
-        grid over the frame.
+        grid over the frame. The first planning step's queries; with
+        ``config.follow_queries`` each later step's are where the kept tracks ended (read
+        such plans with ``plan_to_actions(queries=None)``).
       mesh: shard problems over its batch axes (``data``, ``fsdp``) with NamedShardings, the
         world model replicated; P must divide by their size. None: default placement.
 
