@@ -50,9 +50,10 @@ TARGETS = {"plan_success_min": 0.7}
 
 
 def _proposer(cvae: Any, params: Any, candidates: int) -> Any:
-    """``(history, text, mask, queries, script chunk, key) -> {mode: flow float[N L 2]}`` for
-    one problem's planning step: one jitted call for the posterior, the K prior samples and
-    the prior's mean, then the best-of-K and one-sample choices among the same samples."""
+    """``(history, text, mask, queries, script chunk, key, modes) -> {mode: flow float[N L
+    2]}`` for one problem's planning step: the posterior, the K prior samples (best-of-K and
+    one-sample choose among the same ones) and the prior's mean, each computed only when one
+    of ``modes`` needs it (followed queries differ per mode)."""
     import jax
 
     from flipjax.models.flow_cvae import FlowCVAE
@@ -61,24 +62,34 @@ def _proposer(cvae: Any, params: Any, candidates: int) -> Any:
         return cvae.apply({"params": params}, *args, **kw)
 
     @jax.jit
-    def flows(hist, text, mask, queries, gt, key):
+    def posterior(hist, text, mask, gt):
         post = apply(gt, hist, text, mask, method=FlowCVAE.encode)
-        posterior = apply(gt[:, :, 0], hist, text, mask, post["z_mu"],
-                          method=FlowCVAE.decode)["flow"][0]
-        samples = jax.vmap(lambda k: apply(queries, hist, text, mask, rngs={"latent": k},
-                                           method=FlowCVAE.sample)["flow"][0])(
-            jax.random.split(key, candidates))                                 # K N L 2
+        return apply(gt[:, :, 0], hist, text, mask, post["z_mu"],
+                     method=FlowCVAE.decode)["flow"][0]
+
+    @jax.jit
+    def samples(hist, text, mask, queries, key):
+        return jax.vmap(lambda k: apply(queries, hist, text, mask, rngs={"latent": k},
+                                        method=FlowCVAE.sample)["flow"][0])(
+            jax.random.split(key, candidates))                                  # K N L 2
+
+    @jax.jit
+    def prior_mean(hist, text, mask, queries):
         img, lang, _ = apply(hist, text, mask, method=FlowCVAE._embed)
         mu, _ = apply(img, lang, mask, method=FlowCVAE._prior)
-        mean = apply(queries, hist, text, mask, mu, method=FlowCVAE.decode)["flow"][0]
-        return posterior, samples, mean
+        return apply(queries, hist, text, mask, mu, method=FlowCVAE.decode)["flow"][0]
 
-    def propose(hist, text, mask, queries, gt, key) -> dict[str, np.ndarray]:
-        posterior, samples, mean = (np.asarray(x) for x in flows(hist, text, mask, queries,
-                                                                   gt, key))
-        err = np.linalg.norm(samples - gt[0][None], axis=-1).mean(axis=(1, 2))
-        return {"posterior": posterior, "best_of_k": samples[int(np.argmin(err))],
-                "one_sample": samples[0], "prior_mean": mean}
+    def propose(hist, text, mask, queries, gt, key, modes) -> dict[str, np.ndarray]:
+        out = {}
+        if "posterior" in modes:
+            out["posterior"] = np.asarray(posterior(hist, text, mask, gt))
+        if {"best_of_k", "one_sample"} & set(modes):
+            k = np.asarray(samples(hist, text, mask, queries, key))
+            err = np.linalg.norm(k - gt[0][None], axis=-1).mean(axis=(1, 2))
+            out["best_of_k"], out["one_sample"] = k[int(np.argmin(err))], k[0]
+        if "prior_mean" in modes:
+            out["prior_mean"] = np.asarray(prior_mean(hist, text, mask, queries))
+        return out
 
     return propose
 
@@ -147,12 +158,13 @@ def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
             key, sub = jax.random.split(key)
             if not follow:   # every mode queries the same points: one call serves them all
                 gt = script[h].transpose(1, 0, 2)[None]                        # 1 N L 2
-                chosen = propose(hist, text, mask, queries["scripted"][None], gt, sub)
+                chosen = propose(hist, text, mask, queries["scripted"][None], gt, sub,
+                                 MODES[1:])
             for mode in MODES[1:]:
                 if follow:   # this mode's own queries and the script's tracks of them
                     gt = tp.chunk_tracks(problems.toy, i, queries[mode], length, h)
                     chosen = propose(hist, text, mask, queries[mode][None],
-                                     gt.transpose(1, 0, 2)[None], sub)
+                                     gt.transpose(1, 0, 2)[None], sub, (mode,))
                 flows[mode].append(chosen[mode].transpose(1, 0, 2))          # N L 2 -> L N 2
                 if follow:
                     queries[mode] = np.clip(flows[mode][-1][-1], 0.0, frames.shape[2] - 1.0)
