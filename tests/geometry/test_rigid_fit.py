@@ -160,13 +160,16 @@ def test_invalid_observations_ignored_not_nan(noisy_scene):
 def test_batching_and_vmap_match_single_problems(noisy_scene):
     # (fit_rigid_sequence is itself jitted, so there is no eager path to compare with.)
     # Without random hypotheses a sequence's result does not depend on its batch neighbours.
+    # Batching changes XLA's float32 reduction order, and LM's accept/reject steps chained over
+    # 8 frames amplify it to ~6e-5 (jax 0.10); the fit's own error is ~2e-3, and a real coupling
+    # between neighbours shows at that scale, so 2e-4 separates the two.
     cfg = geometry.FitConfig(num_hypotheses=0)
     batch = _fit(noisy_scene, cfg)
-    for i in (0, 5):
+    for i in range(noisy_scene.tracks.shape[0]):
         one = geometry.fit_rigid_sequence(noisy_scene.points3d[i:i + 1], noisy_scene.tracks[i:i + 1],
                                           noisy_scene.K, visible=noisy_scene.visible[i:i + 1],
                                           image_size=IMG, config=cfg)
-        np.testing.assert_allclose(one.transforms[0], batch.transforms[i], atol=1e-5)
+        np.testing.assert_allclose(one.transforms[0], batch.transforms[i], atol=2e-4)
     # vmap of the single-frame fit equals a Python loop over it (both compiled: op-by-op
     # dispatch of the LM loop would make this the slowest test of the suite).
     X, uv = noisy_scene.points3d[:3], noisy_scene.tracks[:3, 4]
