@@ -18,6 +18,8 @@ _TEXT = ["tokenizers>=0.15", "safetensors>=0.4"]
 _TRAIN = ["clu>=0.0.11", "tensorboard>=2.15", "matplotlib>=3.7", "pillow>=9", *_DATA]
 # Notebooks (examples/): a Jupyter kernel; the tests execute them through nbclient.
 _NOTEBOOK = ["ipykernel>=6", "nbclient>=0.9", "nbformat>=5.9", "matplotlib>=3.7", "pillow>=9"]
+# Deviceless TPU compiles (benchmarks.pod): libtpu, about 700 MB, matched to the jax version.
+_POD = ["jax[tpu]"]
 # Meta-World demos and closed-loop evaluation: MuJoCo renders offscreen through EGL (Mesa
 # llvmpipe on a CPU) or OSMesa; gymnasium imports `packaging` without declaring it.
 _SIM = ["metaworld>=3.0", "mujoco>=3.1", "packaging>=23", "imageio>=2.30", *_DATA]
@@ -48,7 +50,11 @@ setup(
         "train": _TRAIN,
         "notebook": _NOTEBOOK,
         "sim": _SIM,
+        # `pod`: libtpu describes and compiles for TPU slices without the hardware
+        # (benchmarks.pod); nothing else needs it. The tests set JAX_PLATFORMS=cpu, so
+        # JAX does not try to start a TPU.
+        "pod": _POD,
         "test": ["pytest>=7.4", "pytest-xdist>=3.5", "hypothesis>=6.90", "ruff>=0.5",
-                 "scipy>=1.11", *_TRAIN, *_TEXT, *_NOTEBOOK, *_SIM],
+                 "scipy>=1.11", *_TRAIN, *_TEXT, *_NOTEBOOK, *_SIM, *_POD],
     },
 )

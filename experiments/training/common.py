@@ -234,6 +234,54 @@ def _mirror_shardings(tree: PyTree, params: PyTree, param_shardings: PyTree,
     return jax.tree.map(assign, tree, is_leaf=mirrors)
 
 
+def _state_init(init_fn: Callable[[jax.Array], PyTree], optimizer: optax.GradientTransformation,
+                ema_decay: float | None) -> Callable[[jax.Array], TrainState]:
+    if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1] or None, got {ema_decay}")
+
+    def init(key_data: jax.Array) -> TrainState:
+        init_key, state_key = jax.random.split(jax.random.wrap_key_data(key_data))
+        params = nn.unbox(init_fn(init_key))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params),
+                          ema=params if ema_decay is not None else None,
+                          rng=jax.random.key_data(state_key),
+                          skipped=jnp.zeros((), jnp.int32))
+
+    return init
+
+
+def abstract_train_state(init_fn: Callable[[jax.Array], PyTree],
+                         optimizer: optax.GradientTransformation, rng: jax.Array, *,
+                         mesh: Mesh, rules: tuple = LOGICAL_RULES,
+                         ema_decay: float | None = None) -> tuple[TrainState, TrainState]:
+    """The :class:`TrainState` that :func:`create_train_state` would build, as shapes only.
+
+    Nothing is initialised or placed, so it works for meshes of devices this process cannot
+    run on (ahead-of-time compiles for a TPU topology, ``benchmarks.pod``).
+
+    Args: as :func:`create_train_state`.
+
+    Returns:
+      ``(abstract_state, state_shardings)``: ``jax.ShapeDtypeStruct`` leaves carrying their
+      shardings, and the TrainState of NamedShardings.
+    """
+    key_data = _to_key_data(rng)
+    init = _state_init(init_fn, optimizer, ema_decay)
+    boxed = jax.eval_shape(init_fn, jax.random.wrap_key_data(key_data))
+    logical_specs = nn.get_partition_spec(boxed)
+    param_shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+    abstract = jax.eval_shape(init, key_data)
+    rep = replicated(mesh)
+    shardings = TrainState(
+        step=rep, params=param_shardings,
+        opt_state=_mirror_shardings(abstract.opt_state, abstract.params, param_shardings, rep),
+        ema=param_shardings if ema_decay is not None else None, rng=rep, skipped=rep)
+    placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
+    return placed, shardings
+
+
 def create_train_state(init_fn: Callable[[jax.Array], PyTree],
                        optimizer: optax.GradientTransformation, rng: jax.Array, *,
                        mesh: Mesh, rules: tuple = LOGICAL_RULES,
@@ -254,29 +302,10 @@ def create_train_state(init_fn: Callable[[jax.Array], PyTree],
       ``(state, state_shardings)``: the state with unboxed, sharded params, and a TrainState
       of NamedShardings with the same structure (for ``jax.jit`` in/out shardings).
     """
-    key_data = _to_key_data(rng)
-    if ema_decay is not None and not 0.0 <= ema_decay <= 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1] or None, got {ema_decay}")
-
-    def init(key_data: jax.Array) -> TrainState:
-        init_key, state_key = jax.random.split(jax.random.wrap_key_data(key_data))
-        params = nn.unbox(init_fn(init_key))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=optimizer.init(params),
-                          ema=params if ema_decay is not None else None,
-                          rng=jax.random.key_data(state_key),
-                          skipped=jnp.zeros((), jnp.int32))
-
-    boxed = jax.eval_shape(init_fn, jax.random.wrap_key_data(key_data))
-    logical_specs = nn.get_partition_spec(boxed)
-    param_shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
-    abstract = jax.eval_shape(init, key_data)
-    rep = replicated(mesh)
-    shardings = TrainState(
-        step=rep, params=param_shardings,
-        opt_state=_mirror_shardings(abstract.opt_state, abstract.params, param_shardings, rep),
-        ema=param_shardings if ema_decay is not None else None, rng=rep, skipped=rep)
-    state = jax.jit(init, out_shardings=shardings)(key_data)
+    _, shardings = abstract_train_state(init_fn, optimizer, rng, mesh=mesh, rules=rules,
+                                        ema_decay=ema_decay)
+    init = _state_init(init_fn, optimizer, ema_decay)
+    state = jax.jit(init, out_shardings=shardings)(_to_key_data(rng))
     return state, shardings
 
 
@@ -390,6 +419,7 @@ def param_partition_specs(state_shardings: TrainState) -> PyTree:
 
 
 __all__ = [
-    "TrainState", "create_train_state", "ema_update", "make_learning_rate_fn",
-    "make_optimizer", "make_schedule", "make_train_step", "param_partition_specs", "param_path",
+    "TrainState", "abstract_train_state", "create_train_state", "ema_update",
+    "make_learning_rate_fn", "make_optimizer", "make_schedule", "make_train_step",
+    "param_partition_specs", "param_path",
 ]

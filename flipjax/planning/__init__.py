@@ -16,6 +16,7 @@ from flipjax.planning.beam_search import (
     grid_queries,
     hill_climb,
     rollout_candidates,
+    sharded_search,
 )
 from flipjax.planning.world_model import WorldModel
 
@@ -30,4 +31,5 @@ __all__ = [
     "hill_climb",
     "plan_to_actions",
     "rollout_candidates",
+    "sharded_search",
 ]

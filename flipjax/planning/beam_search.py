@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -369,7 +369,20 @@ _search_jit = jax.jit(_search, static_argnames=("config",))
 
 
 @functools.lru_cache(maxsize=16)
-def _sharded_search(mesh: Mesh):
+def sharded_search(mesh: Mesh) -> Any:
+    """The jitted program :func:`hill_climb` runs with ``mesh``: problems over the batch axes,
+    the world model replicated.
+
+    Call it (or ``.lower(...)`` it ahead of time, e.g. with ``jax.ShapeDtypeStruct``s for a
+    TPU topology) as ``(world_model, history, text_tokens, text_mask, queries, keys,
+    config)``: queries float[P N 2], keys [P] typed PRNG keys, the rest as ``hill_climb``.
+
+    Args:
+      mesh: the device mesh.
+
+    Returns:
+      The jitted search, returning a :class:`Plan`.
+    """
     data = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     rep = NamedSharding(mesh, PartitionSpec())
     # in_shardings forbids keyword arguments: config is passed positionally.
@@ -451,4 +464,4 @@ def hill_climb(world_model: WorldModel, history: Array, text_tokens: Array, text
     data = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     args = jax.device_put(args, data)
     world_model = jax.device_put(world_model, NamedSharding(mesh, PartitionSpec()))
-    return _sharded_search(mesh)(world_model, *args, config)
+    return sharded_search(mesh)(world_model, *args, config)
