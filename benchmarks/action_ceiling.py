@@ -115,7 +115,7 @@ def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
     from experiments.configs import toy_world_model
     from experiments.plan.problems import build_problems
     from experiments.plan.runner import load_world_model
-    from experiments.plan.scoring import toy_outcome
+    from experiments.plan.scoring import fit_config, toy_outcome
     from experiments.trainers.quickstart import apply_overrides
     from flipjax import builders
     from flipjax.checkpoints import load_params
@@ -130,8 +130,10 @@ def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
                     "config.plan", source="experiments/configs/plan.py")
     pc.runs, pc.seed, pc.num_problems = str(runs), int(seed), int(num_problems)
     for k, v in (queries or {}).items():
-        pc[k] = bool(v) if k == "follow_queries" else int(v)
+        pc[k] = (bool(v) if k == "follow_queries" else float(v) if k.startswith("fit_prior")
+                 else int(v))
     follow = bool(pc.follow_queries)
+    fit = fit_config(pc)
     world, _, action_config = load_world_model(pc)
     problems = build_problems(pc, world, action_config)
     cvae_dir = str(os.path.join(runs, "cvae"))
@@ -173,7 +175,7 @@ def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
                         values=None, returns=None, best=np.zeros(1, np.int32))
             outcomes[mode].append(toy_outcome(problems, i, plan, 0,
                                               jax.random.fold_in(jax.random.key(seed + 1), i),
-                                              follow=follow))
+                                              follow=follow, fit=fit))
         print(f"action ceiling: problem {i + 1}/{len(problems)} "
               f"({time.perf_counter() - t0:.0f}s): " + ", ".join(
                   f"{m} {int(outcomes[m][-1]['success'])}" for m in MODES), flush=True)
@@ -181,7 +183,9 @@ def run(runs: str, num_problems: int, candidates: int, seed: int, quick: bool,
                            "horizon": chunks, "flow_horizon": length, "seed": seed,
                            "runs": str(runs), "quick": quick,
                            "query_grid": int(pc.query_grid),
-                           "object_window": int(pc.object_window), "follow_queries": follow}
+                           "object_window": int(pc.object_window), "follow_queries": follow,
+                           "fit_prior_translation": fit.prior_translation,
+                           "fit_prior_rotation": fit.prior_rotation}
     for mode in MODES:
         out[f"success_{mode}"] = float(np.mean([o["success"] for o in outcomes[mode]]))
         out[f"target_distance_m_{mode}"] = float(np.mean(
@@ -217,13 +221,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--follow_queries", type=int, choices=(0, 1), default=None,
                    help="1: each chunk queries where the previous one ended (default: the "
                         "benchmark's plan).")
+    p.add_argument("--fit_prior_translation", type=float, default=None,
+                   help="The readout's motion prior, metres (default: the benchmark's plan).")
+    p.add_argument("--fit_prior_rotation", type=float, default=None,
+                   help="The readout's motion prior, radians (default: the benchmark's plan).")
     a = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not os.path.isdir(os.path.join(a.runs, "cvae")):
         raise ValueError(f"--runs {a.runs}: no cvae/ run there (a benchmarks.world_model or "
                          "quickstart workdir)")
     n = a.problems if a.problems is not None else (4 if a.quick else 100)
-    overrides = {k: getattr(a, k) for k in ("query_grid", "object_window", "follow_queries")
+    overrides = {k: getattr(a, k) for k in ("query_grid", "object_window", "follow_queries",
+                                             "fit_prior_translation", "fit_prior_rotation")
                  if getattr(a, k) is not None}
     result = run(a.runs, n, a.candidates, a.seed, a.quick, overrides)
     for mode in MODES:

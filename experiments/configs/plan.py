@@ -69,6 +69,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Each planning step queries where the previous step's kept tracks ended (the queries on
     # the block stay on it) instead of the same points again (official FLIP).
     c.follow_queries = False
+    # The readout's motion prior (geometry.FitConfig.prior_translation / prior_rotation,
+    # sigma in metres / radians; 0: none, AVDC's unregularised fit): noisy flows on a small
+    # object otherwise read out as large spurious motion along the viewing ray.
+    c.fit_prior_translation = 0.0
+    c.fit_prior_rotation = 0.0
     c.clip_x0 = 4.0  # 0: no clipping; 4 as the quickstart DiT's evaluation (unit-std latents)
     c.compare_no_value = False  # also plan FLIP-NV on the same problems and keys
 

@@ -17,6 +17,7 @@ from absl import logging
 
 from experiments.plan.problems import Problems, build_problems
 from experiments.plan.scoring import (
+    fit_config,
     oracle_outcome,
     problem_keys,
     toy_flow_response,
@@ -239,6 +240,7 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
     # Per search: (seconds, problems) of each call.
     timings: dict[str, list[tuple[float, int]]] = {name: [] for name in searches}
     fit_key = jax.random.key(int(config.seed) + 1)
+    fit = fit_config(config)
     done = 0
     for start in range(0, len(todo), max(size, 1)):
         idx = todo[start:start + size]
@@ -263,12 +265,13 @@ def run(config: Any, workdir: str | Path) -> dict[str, Any]:
                 if problems.toy is not None:
                     entry["outcome"] = toy_outcome(problems, i, plan, j,
                                                    jax.random.fold_in(fit_key, i),
-                                                   follow=bool(config.follow_queries))
+                                                   follow=bool(config.follow_queries),
+                                                   fit=fit)
                 record[name] = entry
                 if problems.toy is not None and "scripted_plan" not in record:
                     record["scripted_plan"] = {"outcome": oracle_outcome(
                         problems, i, plan, jax.random.fold_in(fit_key, i),
-                        follow=bool(config.follow_queries))}
+                        follow=bool(config.follow_queries), fit=fit)}
                 if i < int(config.write_media):
                     suffix = "" if name == "value_guided" else "_no_value"
                     record["media"] += write_media(folder, problems, i, plan, j, suffix,

@@ -11,6 +11,7 @@ import numpy as np
 
 from data_pipelines.toy import problems as tp
 from experiments.plan.problems import Problems
+from flipjax.geometry.rigid_fit import FitConfig
 from flipjax.planning import Plan, WorldModel
 from flipjax.planning.actions import plan_to_actions
 from flipjax.planning.diagnostics import flow_response, value_preference
@@ -57,17 +58,25 @@ def toy_flow_response(world: WorldModel, problems: Problems, rows: Any, history:
     return {f"dynamics_{k}": float(v) for k, v in out.items()}
 
 
+def fit_config(config: Any) -> FitConfig:
+    """The readout's FitConfig of a plan config (its ``fit_prior_*`` fields; absent: 0)."""
+    return FitConfig(prior_translation=float(config.get("fit_prior_translation", 0.0)),
+                     prior_rotation=float(config.get("fit_prior_rotation", 0.0)))
+
+
 def toy_outcome(problems: Problems, i: int, plan: Any, j: int, key: Any,
-                follow: bool = False) -> dict[str, Any]:
+                follow: bool = False, fit: FitConfig = FitConfig()) -> dict[str, Any]:
     """Fits the task block's motion from the chosen beam of row ``j`` of ``plan`` (problem
     ``i``) and judges it with the task's success predicate. ``follow``: the plan was searched
     with ``follow_queries``, so each chunk's tracks start at its own query points (the
-    previous chunk's ends) rather than at ``problems.queries``."""
+    previous chunk's ends) rather than at ``problems.queries``. ``fit``: the readout's
+    robust-fit settings (:func:`fit_config`)."""
     toy = problems.toy
     one = jax.tree.map(lambda x: x[j:j + 1], plan)
     acts = plan_to_actions(one, toy.depth[i:i + 1], toy.K, object_mask=toy.object_mask[i:i + 1],
                            extrinsics=toy.extrinsics,
-                           queries=None if follow else problems.queries[i:i + 1], key=key)
+                           queries=None if follow else problems.queries[i:i + 1], key=key,
+                           fit_config=fit)
     motion_camera = np.asarray(acts.transforms[0, -1], np.float64)
     motion = tp.camera_to_world_motion(toy, motion_camera)
     task = toy.tasks[i]
@@ -87,7 +96,7 @@ def toy_outcome(problems: Problems, i: int, plan: Any, j: int, key: Any,
 
 
 def oracle_outcome(problems: Problems, i: int, plan: Any, key: Any,
-                   follow: bool = False) -> dict[str, Any]:
+                   follow: bool = False, fit: FitConfig = FitConfig()) -> dict[str, Any]:
     """``toy_outcome`` of the script's own tracks of problem ``i``'s queries over the plan's
     chunks (``toy_problems.scripted_tracks``, following its queries with ``follow``): what a
     perfect world model would score with this horizon, query layout and motion readout. Laid
@@ -97,4 +106,4 @@ def oracle_outcome(problems: Problems, i: int, plan: Any, key: Any,
     flows = tp.scripted_tracks(problems.toy, i, problems.queries[i], ll, hz, follow=follow)
     oracle = Plan(flows=np.broadcast_to(flows, (1, b, *flows.shape)), latents=None,
                   videos=None, values=None, returns=None, best=np.zeros(1, np.int32))
-    return toy_outcome(problems, i, oracle, 0, key, follow=follow)
+    return toy_outcome(problems, i, oracle, 0, key, follow=follow, fit=fit)

@@ -56,6 +56,13 @@ class FitConfig:
       camera_motion: the points are a static scene seen by a moving camera; report the camera's
         motion (the inverse of the scene's apparent motion).
       warm_start: initialise frame t from the fit of frame t-1 (direct mode only).
+      prior_translation: sigma (metres) of a zero-mean Gaussian prior on the displacement of
+        the points' centroid; 0: none. Flows on a small or distant object barely constrain
+        its motion along the viewing ray (a depth change only scales the points' spread), so
+        noisy tracks turn into large spurious depth motion; the prior holds what the pixels
+        cannot tell and leaves the directions they measure to the data. It costs as much as
+        one point's residual of ``loss_scale`` pixels at one sigma.
+      prior_rotation: sigma (radians) of the same prior on the rotation angle; 0: none.
     """
 
     num_iterations: int = 8
@@ -74,6 +81,8 @@ class FitConfig:
     chain: bool = False
     camera_motion: bool = False
     warm_start: bool = True
+    prior_translation: float = 0.0
+    prior_rotation: float = 0.0
 
     def __post_init__(self):
         robust.cost(0.0, self.loss, self.loss_scale)  # validates loss and scale
@@ -86,6 +95,9 @@ class FitConfig:
             raise ValueError(f"FitConfig.num_hypotheses must be >= 0, got {self.num_hypotheses}")
         if self.sample_size < 3:
             raise ValueError(f"FitConfig.sample_size must be >= 3, got {self.sample_size}")
+        for name in ("prior_translation", "prior_rotation"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"FitConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.min_inliers < 3:
             raise ValueError(f"FitConfig.min_inliers must be >= 3, got {self.min_inliers}")
 
@@ -192,11 +204,44 @@ def _cost(sq: Array, front: Array, w0: Array, loss: str, cfg: FitConfig) -> Arra
     return jnp.sum(w0 * robust.cost(sq, loss, cfg.loss_scale))
 
 
+def _has_prior(cfg: FitConfig) -> bool:
+    return cfg.prior_translation > 0 or cfg.prior_rotation > 0
+
+
+def _prior(T: Array, centre: Array, cfg: FitConfig) -> tuple[Array, Array, Array]:
+    """The motion prior's (cost, H float[6 6], g float[6]) at T, for the left perturbation.
+
+    The centroid moves to p = T c, so exp(delta) T moves it by rho - [p]x phi; the rotation
+    angle moves by phi (to first order).
+    """
+    scale2 = cfg.loss_scale ** 2
+    wt = scale2 / cfg.prior_translation ** 2 if cfg.prior_translation > 0 else 0.0
+    wr = scale2 / cfg.prior_rotation ** 2 if cfg.prior_rotation > 0 else 0.0
+    p = T[:3, :3] @ centre + T[:3, 3]
+    d = p - centre
+    theta = se3.so3_log(T[:3, :3])
+    jd = jnp.concatenate([jnp.eye(3, dtype=T.dtype), -se3.hat(p)], 1)     # 3 6
+    jr = jnp.concatenate([jnp.zeros((3, 3), T.dtype), jnp.eye(3, dtype=T.dtype)], 1)
+    H = wt * jd.T @ jd + wr * jr.T @ jr
+    g = wt * jd.T @ d + wr * jr.T @ theta
+    return 0.5 * (wt * jnp.sum(d * d) + wr * jnp.sum(theta * theta)), H, g
+
+
 def _levenberg_marquardt(T0: Array, Xc: Array, uvc: Array, w0: Array, K: Array, loss: str,
-                         iterations: int, cfg: FitConfig) -> tuple[Array, Array]:
-    """Robust LM from T0. Returns (transform float[4 4], converged bool[])."""
+                         iterations: int, cfg: FitConfig,
+                         centre: Array | None = None) -> tuple[Array, Array]:
+    """Robust LM from T0 (with the motion prior about ``centre`` float[3] when the config
+    has one). Returns (transform float[4 4], converged bool[])."""
+    prior = _has_prior(cfg)
+    if prior and centre is None:
+        centre = _centroid(Xc, w0)
+
+    def total(sq: Array, front: Array, T: Array) -> Array:
+        c = _cost(sq, front, w0, loss, cfg)
+        return c + _prior(T, centre, cfg)[0] if prior else c
+
     P0, pred0, front0 = _project(T0, Xc, K, cfg.min_depth)
-    cost0 = _cost(_sq_norm(pred0, uvc), front0, w0, loss, cfg)
+    cost0 = total(_sq_norm(pred0, uvc), front0, T0)
 
     def body(_, state):
         # The projection at T is carried from the previous iteration's candidate evaluation.
@@ -204,12 +249,15 @@ def _levenberg_marquardt(T0: Array, Xc: Array, uvc: Array, w0: Array, K: Array, 
         r = pred - uvc
         w = w0 * front * robust.weight(jnp.sum(r * r, 0), loss, cfg.loss_scale)
         H, g = _normal_equations(P, front, K, w, r)
+        if prior:
+            _, Hp, gp = _prior(T, centre, cfg)
+            H, g = H + Hp, g + gp
         diag = jnp.diagonal(H)
         eps = 1e-9 * jnp.sum(diag) + 1e-12
         delta = -_spd_solve(H + jnp.diag(lam * diag + eps), g)
         T_new = se3.matmul(se3.exp(delta), T)
         P_new, pred_new, front_new = _project(T_new, Xc, K, cfg.min_depth)
-        cost_new = _cost(_sq_norm(pred_new, uvc), front_new, w0, loss, cfg)
+        cost_new = total(_sq_norm(pred_new, uvc), front_new, T_new)
         ok = jnp.isfinite(cost_new) & jnp.all(jnp.isfinite(delta)) & (cost_new <= cost)
         # A tiny step means a stationary point even when float32 round-off makes it rejected.
         tiny_step = jnp.linalg.norm(delta) < cfg.step_tolerance
@@ -224,6 +272,12 @@ def _levenberg_marquardt(T0: Array, Xc: Array, uvc: Array, w0: Array, K: Array, 
     state = (T0, P0, pred0, front0, cost0, lam0, jnp.asarray(False))
     state = jax.lax.fori_loop(0, iterations, body, state)
     return state[0], state[-1]
+
+
+def _centroid(Xc: Array, w0: Array) -> Array:
+    """float[3] centroid of the usable points (weights w0)."""
+    m = (w0 > 0).astype(Xc.dtype)
+    return jnp.sum(Xc * m, 1) / jnp.maximum(jnp.sum(m), 1.0)
 
 
 def _sample_usable(key: PRNGKey, usable: Array, k: int, shape: tuple[int, ...] = (),
@@ -262,9 +316,11 @@ def _best_hypothesis(T0: Array, Xc: Array, uvc: Array, w0: Array, K: Array, key:
     key_sub, key_score = jax.random.split(key)
     idx = _sample_usable(key_sub, usable, min(cfg.sample_size, n), (cfg.num_hypotheses,))
 
+    centre = _centroid(Xc, w0) if _has_prior(cfg) else None
+
     def solve(sub):
         return _levenberg_marquardt(T0, Xc[:, sub], uvc[:, sub], w0[sub], K, "l2",
-                                    cfg.hypothesis_iterations, cfg)[0]
+                                    cfg.hypothesis_iterations, cfg, centre)[0]
 
     hyps = jnp.concatenate([T0[None], jax.vmap(solve)(idx)], 0)
     sel = _sample_usable(key_score, usable, cfg.score_points, replace=True)
