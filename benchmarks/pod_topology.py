@@ -123,7 +123,7 @@ def topology_devices(s: Slice) -> list[Any]:
 def slice_mesh(devices: list[Any], data: int, fsdp: int, tensor: int) -> Any:
     """A ``data x fsdp x tensor`` Mesh over the slice's devices, laid out on the torus.
 
-    ``data`` = -1 takes the devices left after fsdp and tensor.
+    One of ``data`` / ``fsdp`` may be -1: it takes the devices the others leave.
 
     Raises:
       ValueError: sizes that do not multiply to the device count.
@@ -132,24 +132,14 @@ def slice_mesh(devices: list[Any], data: int, fsdp: int, tensor: int) -> Any:
     from jax.experimental import mesh_utils
     from jax.sharding import Mesh
 
-    from flipjax.sharding import AXES
+    from flipjax.sharding import AXES, mesh_shape
 
-    n = len(devices)
-    if fsdp < 1 or tensor < 1 or (data != -1 and data < 1):
-        raise ValueError(f"--mesh sizes must be >= 1 (data may be -1), got "
-                         f"{data},{fsdp},{tensor}")
-    if data == -1:
-        if n % (fsdp * tensor):
-            raise ValueError(f"{n} chips do not split into fsdp={fsdp} x tensor={tensor}")
-        data = n // (fsdp * tensor)
-    if data * fsdp * tensor != n:
-        raise ValueError(f"--mesh {data},{fsdp},{tensor} needs {data * fsdp * tensor} chips, "
-                         f"the slice has {n}")
+    shape = mesh_shape(len(devices), data, fsdp, tensor)
     try:
-        grid = mesh_utils.create_device_mesh((data, fsdp, tensor), devices=devices,
+        grid = mesh_utils.create_device_mesh(shape, devices=devices,
                                              allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
-        grid = np.asarray(devices).reshape(data, fsdp, tensor)
+        grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, AXES)
 
 

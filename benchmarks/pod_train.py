@@ -30,7 +30,7 @@ def shape_codec(config: Any) -> Any:
 
     if builders.codec_kind(config) == "pixels":
         return codec_lib.pixel_codec(int(config.codec.factor))
-    ae = AutoencoderConfig()  # the SD-VAE architecture the official DiT reads
+    ae = AutoencoderConfig.variant("sd-vae-ft-ema")  # the official DiT's codec
     params = jax.eval_shape(
         lambda k: AutoencoderKL(ae).init(k, jax.numpy.zeros((1, 64, 64, 3)))["params"],
         jax.random.key(0))

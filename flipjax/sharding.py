@@ -29,13 +29,42 @@ LOGICAL_RULES = (
 )
 
 
+def mesh_shape(devices: int, data: int = -1, fsdp: int = 1, tensor: int = 1
+               ) -> tuple[int, int, int]:
+    """``(data, fsdp, tensor)`` sizes for ``devices`` devices; one of data / fsdp may be -1
+    (it takes the devices the others leave).
+
+    Raises:
+      ValueError: sizes below 1 (other than one -1), or that do not multiply to ``devices``.
+    """
+    sizes = {"data": int(data), "fsdp": int(fsdp), "tensor": int(tensor)}
+    fill = [k for k, v in sizes.items() if v == -1]
+    if len(fill) > 1 or "tensor" in fill or any(v < 1 for k, v in sizes.items()
+                                                 if k not in fill):
+        raise ValueError(f"mesh sizes must be >= 1, with at most one of data / fsdp -1 (it "
+                         f"fills the devices); got data={data} fsdp={fsdp} tensor={tensor}")
+    if fill:
+        rest = int(np.prod([v for k, v in sizes.items() if k not in fill]))
+        if devices % rest:
+            raise ValueError(f"{devices} devices do not split into "
+                             + " x ".join(f"{k}={v}" for k, v in sizes.items()
+                                          if k not in fill))
+        sizes[fill[0]] = devices // rest
+    if int(np.prod(list(sizes.values()))) != devices:
+        raise ValueError(f"mesh data={sizes['data']} x fsdp={sizes['fsdp']} x tensor="
+                         f"{sizes['tensor']} needs {int(np.prod(list(sizes.values())))} "
+                         f"devices, have {devices}")
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
 def create_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
                 devices: list | None = None) -> Mesh:
     """Builds a ``data x fsdp x tensor`` mesh over the given (default: all) devices.
 
     Args:
       data: size of the data axis; -1 takes all devices left after fsdp and tensor.
-      fsdp: size of the fsdp axis.
+      fsdp: size of the fsdp axis; -1 takes all devices left after data and tensor (FSDP
+        over the whole slice with ``data=1``).
       tensor: size of the tensor axis.
       devices: devices to use; default ``jax.devices()``.
 
@@ -43,17 +72,8 @@ def create_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
       A ``jax.sharding.Mesh`` with axis names :data:`AXES`.
     """
     devices = list(jax.devices() if devices is None else devices)
-    if fsdp < 1 or tensor < 1:
-        raise ValueError(f"fsdp and tensor must be >= 1, got fsdp={fsdp} tensor={tensor}")
-    if data == -1:
-        if len(devices) % (fsdp * tensor):
-            raise ValueError(f"{len(devices)} devices do not split into fsdp={fsdp} x "
-                             f"tensor={tensor}")
-        data = len(devices) // (fsdp * tensor)
-    if data * fsdp * tensor != len(devices):
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs "
-                         f"{data * fsdp * tensor} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), AXES)
+    shape = mesh_shape(len(devices), data, fsdp, tensor)
+    return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -10,7 +10,7 @@ from flipjax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
 from flipjax.models.value import ValueConfig, ValueModel
 from flipjax.models.video_dit import VideoDiT
-from flipjax.sharding import LOGICAL_RULES, create_mesh
+from flipjax.sharding import LOGICAL_RULES, create_mesh, mesh_shape
 
 
 def _abstract(name, key):
@@ -48,3 +48,23 @@ def test_parameters_shard_over_fsdp_and_tensor(name, key):
                and not x.sharding.is_fully_replicated]
     # Big matrices are split (FSDP and/or tensor parallel), so no device holds all of them.
     assert sum(x.size for x in sharded) > 0.8 * sum(x.size for x in leaves)
+
+
+@pytest.mark.parametrize("args, shape", [
+    ((64, 1, -1, 1), (1, 64, 1)), ((64, -1, 4, 2), (8, 4, 2)), ((8,), (8, 1, 1)),
+    ((8, 2, 4, 1), (2, 4, 1)),
+])
+def test_mesh_shape_fills_one_axis(args, shape):
+    assert mesh_shape(*args) == shape
+
+
+@pytest.mark.parametrize("args", [(8, -1, -1, 1), (8, 1, 1, -1), (8, 0, 1, 1), (8, 3, -1, 1),
+                                  (8, 2, 2, 1)])
+def test_mesh_shape_refuses_what_does_not_fit(args):
+    with pytest.raises(ValueError, match="mesh|devices"):
+        mesh_shape(*args)
+
+
+def test_fsdp_over_every_device():
+    mesh = create_mesh(data=1, fsdp=-1)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
