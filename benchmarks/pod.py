@@ -42,7 +42,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-128",
                                 "TPU slice: v5p-128, v5e-16, v5e-256 or a torus (v5e:2x2).")
 _PER_CHIP = flags.DEFINE_integer("per_chip_batch", 8,
-                                 "Samples (or, with --planner, problems) per batch shard.")
+                                 "Samples per batch shard (training; --planner: --problems).")
 _MESH = flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (data -1 fills); default: "
                             "the config's mesh.")
 _REMAT = flags.DEFINE_string("remat", "", "true/false overrides config.remat (DiT, "
@@ -88,8 +88,8 @@ def main(argv: list[str]) -> None:
     if _PLANNER.value:
         from benchmarks.pod_planner import compile_planner
 
-        result = compile_planner(config, _TOPOLOGY.value, _PER_CHIP.value,
-                                 _mesh_sizes(_MESH.value, config), problems=_PROBLEMS.value,
+        result = compile_planner(config, _TOPOLOGY.value, _mesh_sizes(_MESH.value, config),
+                                 problems=_PROBLEMS.value,
                                  beams=_BEAMS.value, candidates=_CANDIDATES.value,
                                  horizon=_HORIZON.value, sample_steps=_SAMPLE_STEPS.value,
                                  text_tokens=_TEXT_TOKENS.value)

@@ -13,13 +13,11 @@ import time
 from typing import Any
 
 from benchmarks.pod_topology import (
-    collectives,
-    compiled_figures,
     parse_slice,
     slice_mesh,
     topology_devices,
 )
-from benchmarks.pod_train import compile_or_oom, shape_codec
+from benchmarks.pod_train import compile_or_oom, shape_codec, with_figures
 
 
 def abstract_world_model(config: Any, mesh: Any, text_tokens: int) -> Any:
@@ -78,14 +76,12 @@ def abstract_world_model(config: Any, mesh: Any, text_tokens: int) -> Any:
         prediction=dit_trainer.prediction_of(config))
 
 
-def compile_planner(config: Any, slice_name: str, per_chip: int,
-                    mesh_sizes: tuple[int, int, int], *, problems: int, beams: int,
+def compile_planner(config: Any, slice_name: str, mesh_sizes: tuple[int, int, int], *,
+                    problems: int, beams: int,
                     candidates: int, horizon: int, sample_steps: int,
                     text_tokens: int = 16, query_grid: int = 8) -> dict[str, Any]:
-    """Compiles ``hill_climb``'s search of ``problems`` problems for a slice.
-
-    ``per_chip`` is unused beyond the check that the problems split evenly (they set the
-    per-chip count themselves: problems / batch shards).
+    """Compiles ``hill_climb``'s search of ``problems`` problems for a slice (per chip:
+    problems / the mesh's batch shards).
 
     Raises:
       ValueError: problems that do not split over the batch shards, a bad slice or mesh.
@@ -96,7 +92,6 @@ def compile_planner(config: Any, slice_name: str, per_chip: int,
     from flipjax.planning.beam_search import PlanConfig, sharded_search
     from flipjax.sharding import BATCH_AXES, batch_sharding
 
-    del per_chip
     s = parse_slice(slice_name)
     mesh = slice_mesh(topology_devices(s), *mesh_sizes)
     shards = 1
@@ -135,12 +130,7 @@ def compile_planner(config: Any, slice_name: str, per_chip: int,
         "compile_s": round(compile_s, 1), "hbm_capacity_bytes": s.chip.hbm_bytes,
         "compiled_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    if compiled is None:
-        out.update(fits=False, error=error)
-        return out
-    out.update(compiled_figures(compiled, s.chip))
-    out["collectives"] = collectives(compiled.as_text())
-    return out
+    return with_figures(out, compiled, error, s.chip)
 
 
 __all__ = ["abstract_world_model", "compile_planner"]

@@ -81,6 +81,18 @@ def step_parts(config: Any, batch: int, text_tokens: int, points: int) -> dict[s
     return parts
 
 
+def with_figures(out: dict[str, Any], compiled: Any, error: str | None, chip: Any
+                 ) -> dict[str, Any]:
+    """``out`` with the compiled program's figures, or ``fits=False`` and the compiler's
+    out-of-memory line when it did not compile."""
+    if compiled is None:
+        out.update(fits=False, error=error)
+        return out
+    out.update(compiled_figures(compiled, chip))
+    out["collectives"] = collectives(compiled.as_text())
+    return out
+
+
 def compile_or_oom(lowered_fn: Any) -> tuple[Any, float, str | None]:
     t0 = time.perf_counter()
     try:
@@ -146,14 +158,9 @@ def compile_train_step(config: Any, slice_name: str, per_chip_batch: int,
         "abstract_state_s": round(abstract_s, 2), "compile_s": round(compile_s, 1),
         "hbm_capacity_bytes": s.chip.hbm_bytes,
     }
-    if compiled is None:
-        out.update(fits=False, error=error)
-        return out
-    out.update(compiled_figures(compiled, s.chip))
-    out["collectives"] = collectives(compiled.as_text())
-    return out
+    return with_figures(out, compiled, error, s.chip)
 
 
 
 __all__ = ["DEFAULT_POINTS", "TRAINERS", "compile_or_oom", "compile_train_step", "shape_codec",
-           "step_parts"]
+           "step_parts", "with_figures"]

@@ -80,3 +80,21 @@ def test_tiny_train_step_compiles_for_a_v5e_slice(tmp_path):
     assert fs["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and fs["global_batch"] == 8
     assert fs["hbm_breakdown_bytes"]["argument"] < 0.8 * dp["hbm_breakdown_bytes"]["argument"]
     assert fs["collectives"]["all-gather"]["count"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="jax[tpu] (the pod extra) is not installed")
+def test_tiny_planner_compiles_for_a_v5e_slice(tmp_path):
+    out = tmp_path / "plan.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.pod", "--config=experiments/configs/dit.py:S,runlocal",
+         "--topology=v5e-4", "--planner", "--problems=8", "--horizon=2", "--sample_steps=2",
+         f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    f = json.loads(out.read_text())
+    assert f["mode"] == "planner" and f["per_chip_problems"] == 2 and f["fits"] is True
+    assert f["flops_per_chip"] > 0 and 0 < f["hbm_per_chip_bytes"] < f["hbm_capacity_bytes"]
+    # Problems are independent: nothing is exchanged between chips but the replicated inputs.
+    assert f["collectives"]["all-gather"]["count"] == f["collectives"]["all-to-all"]["count"] == 0
