@@ -21,7 +21,8 @@ with RESOURCE_EXHAUSTED as on a real chip: ``fits`` is then false and ``error`` 
 
 ``--planner`` compiles ``flipjax.planning.hill_climb``'s sharded search instead: problems x
 beams over the mesh's batch axes, the world model (the config's DiT with the config-sized
-CVAE and value modules, all abstract) replicated.
+CVAE and value modules, all abstract) replicated. Its HBM is the program's; its FLOPs count
+each loop body once (the horizon's scan, the sampler's steps), so no time or MFU is given.
 
 Needs ``jax[tpu]``; the process keeps JAX's own platform on the CPU (``JAX_PLATFORMS=cpu``),
 libtpu only describes and compiles. One libtpu per machine at a time unless

@@ -108,7 +108,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         cells = [r["name"], f.get("chips"), f.get("per_chip_batch"),
                  "yes" if f.get("fits") else "no",
                  f"{_gib(f.get('hbm_per_chip_bytes'))} ({_gib(f.get('hbm_capacity_bytes'))})",
-                 f"{flops / 1e12:.2f}" if flops is not None else "-",
+                 f"{flops / 1e12:.2f}" if flops is not None and not f.get("flops_note")
+                 else "-",
                  f"{est:.3g}" if est else "-", f"{mfu:.0%}" if mfu is not None else "-",
                  r.get("largest_per_chip", "-"), f.get("compile_s")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
