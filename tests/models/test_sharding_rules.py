@@ -61,7 +61,7 @@ def test_mesh_shape_fills_one_axis(args, shape):
 @pytest.mark.parametrize("args", [(8, -1, -1, 1), (8, 1, 1, -1), (8, 0, 1, 1), (8, 3, -1, 1),
                                   (8, 2, 2, 1)])
 def test_mesh_shape_refuses_what_does_not_fit(args):
-    with pytest.raises(ValueError, match="mesh|devices"):
+    with pytest.raises(ValueError, match=r"mesh|devices"):
         mesh_shape(*args)
 
 
