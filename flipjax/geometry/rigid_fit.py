@@ -309,14 +309,12 @@ def _sample_usable(key: PRNGKey, usable: Array, k: int, shape: tuple[int, ...] =
 
 
 def _best_hypothesis(T0: Array, Xc: Array, uvc: Array, w0: Array, K: Array, key: PRNGKey,
-                     cfg: FitConfig) -> Array:
+                     cfg: FitConfig, centre: Array | None = None) -> Array:
     """Solves random minimal subsets from T0 and returns the best-scoring transform."""
     n = Xc.shape[1]
     usable = w0 > 0
     key_sub, key_score = jax.random.split(key)
     idx = _sample_usable(key_sub, usable, min(cfg.sample_size, n), (cfg.num_hypotheses,))
-
-    centre = _centroid(Xc, w0) if _has_prior(cfg) else None
 
     def solve(sub):
         return _levenberg_marquardt(T0, Xc[:, sub], uvc[:, sub], w0[sub], K, "l2",
@@ -378,8 +376,12 @@ def fit_frame(Xc: Array, uvc: Array, K: Array, w0: Array, T0: Array, key: PRNGKe
     where unusable, T0 float[4 4] initial transform.
     """
     usable = w0 > 0
-    start = _best_hypothesis(T0, Xc, uvc, w0, K, key, cfg) if cfg.num_hypotheses > 0 else T0
-    T, converged = _levenberg_marquardt(start, Xc, uvc, w0, K, cfg.loss, cfg.num_iterations, cfg)
+    # The prior's centre is the whole object's, also for the hypotheses' minimal subsets.
+    centre = _centroid(Xc, w0) if _has_prior(cfg) else None
+    start = (_best_hypothesis(T0, Xc, uvc, w0, K, key, cfg, centre) if cfg.num_hypotheses > 0
+             else T0)
+    T, converged = _levenberg_marquardt(start, Xc, uvc, w0, K, cfg.loss, cfg.num_iterations, cfg,
+                                        centre)
     inliers, rms, n_in, degenerate = evaluate(T, Xc, uvc, usable, K, cfg)
     degenerate = degenerate | ~jnp.all(jnp.isfinite(T))
     # A degenerate frame keeps the initial transform; its statistics are re-evaluated there.
