@@ -64,7 +64,7 @@ def _proposer(cvae: Any, params: Any, candidates: int) -> Any:
     @jax.jit
     def posterior(hist, text, mask, gt):
         post = apply(gt, hist, text, mask, method=FlowCVAE.encode)
-        return apply(gt[:, :, 0], hist, text, mask, post["z_mu"],
+        return apply(gt[:, :, 0], hist, text, mask, apply(post, method=FlowCVAE.latent_mode),
                      method=FlowCVAE.decode)["flow"][0]
 
     @jax.jit
@@ -76,8 +76,9 @@ def _proposer(cvae: Any, params: Any, candidates: int) -> Any:
     @jax.jit
     def prior_mean(hist, text, mask, queries):
         img, lang, _ = apply(hist, text, mask, method=FlowCVAE._embed)
-        mu, _ = apply(img, lang, mask, method=FlowCVAE._prior)
-        return apply(queries, hist, text, mask, mu, method=FlowCVAE.decode)["flow"][0]
+        mode = apply(apply(img, lang, mask, method=FlowCVAE._prior),
+                     method=FlowCVAE.latent_mode)
+        return apply(queries, hist, text, mask, mode, method=FlowCVAE.decode)["flow"][0]
 
     def propose(hist, text, mask, queries, gt, key, modes) -> dict[str, np.ndarray]:
         out = {}

@@ -72,7 +72,8 @@ def make_programs(model: FlowCVAE, loss_cfg: CVAELossConfig, tx: Any) -> tuple[A
         post = model.apply(v, gt, x["history"], x["text"], x["text_mask"],
                            method=FlowCVAE.encode)
         from_post = model.apply(v, gt[:, :, 0], x["history"], x["text"], x["text_mask"],
-                                post["z_mu"], method=FlowCVAE.decode)["flow"]
+                                model.apply(v, post, method=FlowCVAE.latent_mode),
+                                method=FlowCVAE.decode)["flow"]
 
         def sample(k):
             return model.apply(v, gt[:, :, 0], x["history"], x["text"], x["text_mask"],

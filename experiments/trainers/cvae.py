@@ -102,7 +102,8 @@ def make_loss_fn(model: FlowCVAE, objective: CVAELossConfig = CVAELossConfig()) 
             terms["loss"] = terms["loss"] + objective.best_of_many_weight * terms["best_of_many"]
         if objective.prior_mean_ade > 0:
             if "prior_mu" not in out:
-                raise ValueError("loss.prior_mean_ade needs model.learned_prior=True")
+                raise ValueError("loss.prior_mean_ade needs model.learned_prior=True and a "
+                                 "Gaussian latent (model.latent_codes=0)")
             mean = model.apply({"params": params}, x["flow"][:, :, 0], x["history"],
                                x["text_tokens"], x["text_mask"], out["prior_mu"],
                                method=FlowCVAE.decode)["flow"]
@@ -214,6 +215,9 @@ def make_eval_step(model: FlowCVAE, deltas: tuple[float, ...],
                    **flow_scores(post["flow"], x["flow"], deltas, "posterior"),
                    **flow_scores(still, x["flow"], deltas, "still"), "prior_spread": spread,
                    **flow_scores(best, gt, deltas, f"best_of_{best_of}")}
+        if "z_logits" in post:   # how many codes the batch's posteriors spread over
+            used = jnp.mean(jax.nn.softmax(post["z_logits"], axis=-1), axis=0)
+            metrics["code_perplexity"] = jnp.exp(-jnp.sum(used * jnp.log(used + 1e-12)))
         return metrics, prior["flow"]
 
     return eval_step

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from flipjax import shapes
+from flipjax.models.cvae_latent import categorical_kl
 from flipjax.typing import Array
 
 
@@ -217,7 +218,12 @@ def kl_loss(z_mu: Array, z_logvar: Array, batch_sum: bool = True, robust: bool =
     Returns:
       float[] loss.
     """
-    kl = kl_divergence(z_mu, z_logvar, prior=prior)
+    return reduce_kl(kl_divergence(z_mu, z_logvar, prior=prior), batch_sum, robust, free_nats)
+
+
+def reduce_kl(kl: Array, batch_sum: bool = True, robust: bool = True,
+              free_nats: float = 0.0) -> Array:
+    """Per-example KL float[B] to the loss term (:func:`kl_loss`'s options), float[]."""
     if free_nats > 0:
         kl = jnp.maximum(kl, free_nats)
     kl = jnp.sum(kl) if batch_sum else jnp.mean(kl)
@@ -249,16 +255,29 @@ def kl_weight(config: CVAELossConfig, step: Array | int | None = None) -> Array:
     return config.kl * jnp.clip(ramp, 0.0, 1.0)
 
 
-def _kl_objective(outputs: dict[str, Array], prior: tuple[Array, Array] | None, kl: Array,
-                  c: CVAELossConfig, step: Array | int | None) -> Array:
+def _kl(outputs: dict[str, Array], c: CVAELossConfig, *, posterior_grad: bool = True,
+        prior_grad: bool = True) -> Array:
+    """The KL term of ``outputs``' latent (Gaussian, or categorical with ``z_logits``), with
+    the gradient stopped on the posterior or the prior side when asked."""
+    q_sg = (lambda x: x) if posterior_grad else jax.lax.stop_gradient
+    p_sg = (lambda x: x) if prior_grad else jax.lax.stop_gradient
+    if "z_logits" in outputs:
+        kl = categorical_kl(q_sg(outputs["z_logits"]), p_sg(outputs["prior_logits"]))
+        return reduce_kl(kl, c.kl_batch_sum, c.robust_kl, c.free_nats)
+    prior = ((p_sg(outputs["prior_mu"]), p_sg(outputs["prior_logvar"]))
+             if "prior_mu" in outputs else None)
+    return kl_loss(q_sg(outputs["z_mu"]), q_sg(outputs["z_logvar"]), c.kl_batch_sum,
+                   c.robust_kl, c.free_nats, prior)
+
+
+def _kl_objective(outputs: dict[str, Array], kl: Array, c: CVAELossConfig,
+                  step: Array | int | None) -> Array:
     """The weighted KL term: one term, or balanced halves with ``prior_kl`` >= 0."""
-    if prior is None or c.prior_kl < 0:
+    learned = "prior_mu" in outputs or "prior_logits" in outputs
+    if not learned or c.prior_kl < 0:
         return kl_weight(c, step) * kl
-    sg = jax.lax.stop_gradient
-    mu, logvar = outputs["z_mu"], outputs["z_logvar"]
-    to_posterior = kl_loss(mu, logvar, c.kl_batch_sum, c.robust_kl, c.free_nats,
-                           (sg(prior[0]), sg(prior[1])))
-    to_prior = kl_loss(sg(mu), sg(logvar), c.kl_batch_sum, c.robust_kl, c.free_nats, prior)
+    to_posterior = _kl(outputs, c, prior_grad=False)
+    to_prior = _kl(outputs, c, posterior_grad=False)
     return kl_weight(c, step) * to_posterior + c.prior_kl * to_prior
 
 
@@ -268,8 +287,9 @@ def cvae_loss(outputs: dict[str, Array], gt_flow: Array, history: Array, patch: 
     """The full training objective.
 
     Args:
-      outputs: :meth:`FlowCVAE.__call__` outputs (scale, direction, flow, z_mu, z_logvar,
-        img_output, flow_output; prior_mu and prior_logvar with a learned prior).
+      outputs: :meth:`FlowCVAE.__call__` outputs (scale, direction, flow, z_mu and z_logvar
+        or z_logits, img_output, flow_output; prior_mu and prior_logvar, or prior_logits,
+        with a learned prior).
       gt_flow: float[B N L 2] the flow that was encoded.
       history: float[B T H W 3] the observation frames that were encoded.
       patch: the model's patch size (for the image target).
@@ -282,8 +302,6 @@ def cvae_loss(outputs: dict[str, Array], gt_flow: Array, history: Array, patch: 
     """
     shapes.check(gt_flow, "gt_flow", "B N L 2", dtype="float")
     target_scale, target_direction = flow_targets(gt_flow)
-    prior = ((outputs["prior_mu"], outputs["prior_logvar"]) if "prior_mu" in outputs
-             else None)
     c = config
     terms = {
         "direction": thresholded_squared_error(outputs["direction"], target_direction,
@@ -291,12 +309,11 @@ def cvae_loss(outputs: dict[str, Array], gt_flow: Array, history: Array, patch: 
         "scale": thresholded_squared_error(outputs["scale"], target_scale, c.step_threshold,
                                            c.up_weight),
         "ade": weighted_ade(outputs["flow"], gt_flow, c.ade_threshold, c.up_weight),
-        "kl": kl_loss(outputs["z_mu"], outputs["z_logvar"], c.kl_batch_sum, c.robust_kl,
-                      c.free_nats, prior),
+        "kl": _kl(outputs, c),
         "img_recon": jnp.mean((outputs["img_output"] - patchify(history, patch)) ** 2),
         "flow_recon": jnp.mean((outputs["flow_output"] - gt_flow) ** 2),
     }
     total = (c.direction * terms["direction"] + c.scale * terms["scale"]
-             + _kl_objective(outputs, prior, terms["kl"], c, step)
+             + _kl_objective(outputs, terms["kl"], c, step)
              + c.ade * terms["ade"] + c.aux * (terms["img_recon"] + terms["flow_recon"]))
     return {"loss": total, **terms}

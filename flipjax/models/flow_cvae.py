@@ -29,10 +29,6 @@ Dl language feature width, D model width, P = (H/p)(W/p) image patches.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Any
-
 import einops
 import flax.linen as nn
 import jax
@@ -40,7 +36,12 @@ import jax.numpy as jnp
 
 from flipjax import shapes
 from flipjax.geometry.camera import bilinear_sample
-from flipjax.models import variants
+from flipjax.models.cvae_config import VARIANTS, CVAEConfig  # noqa: F401 (re-exported)
+from flipjax.models.cvae_latent import (  # noqa: F401 (latent_std re-exported)
+    code_draw,
+    gaussian_draw,
+    latent_std,
+)
 from flipjax.models.layers import (
     Dtype,
     PatchEmbed,
@@ -51,138 +52,6 @@ from flipjax.models.layers import (
 )
 from flipjax.models.point_features import PointFeatureMap
 from flipjax.typing import Array
-
-
-def _size(hidden: int, encoder_layers: int, decoder_layers: int, num_heads: int
-          ) -> dict[str, int]:
-    return dict(hidden=hidden, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
-                num_heads=num_heads)
-
-
-# The official CVAE-S/B/L factories, and the golden-fixture configuration for tests.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "tiny": {**_size(64, 2, 3, 4), "flow_horizon": 4, "history": 2, "img_size": (32, 32)},
-    "S": _size(384, 4, 8, 4),
-    "B": _size(768, 4, 10, 4),
-    "L": _size(768, 6, 12, 8),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class CVAEConfig:
-    """Hyper-parameters of :class:`FlowCVAE` (defaults: official CVAE-S, LIBERO-10 recipe).
-
-    Attributes:
-      hidden: model width D (also the latent width and the feed-forward width).
-      encoder_layers: transformer layers of the posterior encoder.
-      decoder_layers: transformer layers of the flow decoder.
-      num_heads: attention heads.
-      flow_horizon: L, points per trajectory including the query point.
-      history: T, observation frames stacked on channels.
-      img_size: (H, W) of the history frames.
-      patch: patch size p of the image embedding.
-      language_dim: Dl, width of the precomputed sentence features.
-      point_features: F, width of a learned full-resolution feature map of the history
-        frames, bilinearly sampled at each query point and added to its token (ATM /
-        Track2Act style); 0 = official (a query token sees only its coordinates).
-      point_feature_layers, point_feature_dilation: the feature map's 3x3 convolutions and
-        their dilation growth (layer i dilated by dilation**i): 3 layers at dilation 2 see 15
-        pixels, enough for a point to see motion of a few pixels per frame in the history.
-      unit_coords: query coordinates mapped to [-1, 1] before their Linear (official: raw
-        pixels).
-      latent_to_queries: Linear(z) added to every query token besides the z token (official:
-        the z token only).
-      relative_flow: the posterior encoder reads each trajectory as its start in [-1, 1] and
-        its displacements from the start in pixels (official: absolute pixels, where a motion
-        of a few pixels is a small change on coordinates of tens to hundreds).
-      learned_prior: the prior is p(z | observation, language), the posterior encoder's
-        layers run over [prior token | image | language] (no flow) with their own mean and
-        log-variance heads, and the KL is taken against it (the conditional VAE of Sohn et
-        al. 2015); official: N(0, I). Sampling then draws from it.
-      latent_dim: Z, the latent's width, entering the decoder through a Linear(Z -> D); 0 =
-        official, Z = D with no projection. A few dimensions suffice for the choice between a
-        scene's motions, and 8 prior samples cover a low-dimensional prior far better.
-      context_point_features: the point feature map, averaged over each patch, is added to the
-        image tokens (through a Linear), so the encoder, the learned prior and the decoder's
-        context see the motion features the query points see (needs ``point_features``).
-      point_feature_language, point_feature_coords: the point feature map also reads the
-        instruction (FiLM) and the pixel coordinates (:class:`PointFeatureMap`; needs
-        ``point_features``).
-    """
-
-    hidden: int = 384
-    encoder_layers: int = 4
-    decoder_layers: int = 8
-    num_heads: int = 4
-    flow_horizon: int = 16
-    history: int = 16
-    img_size: tuple[int, int] = (128, 128)
-    patch: int = 8
-    language_dim: int = 4096
-    point_features: int = 0
-    point_feature_layers: int = 2
-    point_feature_dilation: int = 1
-    unit_coords: bool = False
-    latent_to_queries: bool = False
-    relative_flow: bool = False
-    learned_prior: bool = False
-    latent_dim: int = 0
-    context_point_features: bool = False
-    point_feature_language: bool = False
-    point_feature_coords: bool = False
-
-    @classmethod
-    def variant(cls, name: str, **overrides: Any) -> CVAEConfig:
-        """The :data:`VARIANTS` entry ``name`` ("tiny", "S", "B", "L") with field overrides.
-
-        ``"tiny"`` is the golden-fixture configuration: D=64, 2/3 layers, 4 heads, L=4, T=2,
-        32x32 images.
-
-        Raises:
-          ValueError: an unknown name.
-        """
-        return cls(**variants.resolve("CVAE", VARIANTS, name, overrides))
-
-    @property
-    def z_dim(self) -> int:
-        """Z, the latent width (``latent_dim``, or D when it is 0)."""
-        return self.latent_dim or self.hidden
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(H/p, W/p) patches."""
-        return self.img_size[0] // self.patch, self.img_size[1] // self.patch
-
-    @property
-    def num_patches(self) -> int:
-        """P, image tokens per example."""
-        return math.prod(self.grid)
-
-    def validate(self) -> None:
-        """Raises ValueError on inconsistent sizes."""
-        if self.hidden % self.num_heads:
-            raise ValueError(f"hidden {self.hidden} is not divisible by {self.num_heads} heads")
-        if self.hidden % 4:
-            raise ValueError(f"hidden {self.hidden} must be divisible by 4 (2-D sin-cos table)")
-        if any(s % self.patch for s in self.img_size):
-            raise ValueError(f"img_size {self.img_size} is not divisible by patch {self.patch}")
-        if self.flow_horizon < 2:
-            raise ValueError(f"flow_horizon must be >= 2, got {self.flow_horizon}")
-        if self.latent_dim < 0:
-            raise ValueError(f"latent_dim must be >= 0 (0: the model width), got {self.latent_dim}")
-        for flag in ("context_point_features", "point_feature_language",
-                     "point_feature_coords"):
-            if getattr(self, flag) and not self.point_features:
-                raise ValueError(f"{flag} needs point_features > 0")
-        if self.point_feature_layers < 1 or self.point_feature_dilation < 1:
-            raise ValueError(f"point_feature_layers and point_feature_dilation must be >= 1, "
-                             f"got {self.point_feature_layers}, {self.point_feature_dilation}")
-
-
-def latent_std(z_logvar: Array, official_std: bool = False) -> Array:
-    """Posterior standard deviation exp(0.5 logvar); exp of that with ``official_std``."""
-    std = jnp.exp(0.5 * z_logvar)
-    return jnp.exp(std) if official_std else std
 
 
 def reconstruct_flow(query_points: Array, scale: Array, direction: Array) -> Array:
@@ -233,8 +102,13 @@ class FlowCVAE(nn.Module):
         self.decoder = [PostLNEncoderLayer(c.num_heads, d, dtype=dt)
                         for _ in range(c.decoder_layers)]
         z_axes = ("embed", None) if c.latent_dim else ("embed", "mlp")  # a few columns: unsplit
-        self.z_mu = dense(c.z_dim, z_axes, dtype=dt)
-        self.z_logvar = dense(c.z_dim, z_axes, dtype=dt)
+        if c.latent_codes:
+            self.z_logits = dense(c.latent_codes, ("embed", None), dtype=dt)
+            self.codebook = self.param("codebook", nn.with_logical_partitioning(
+                nn.initializers.normal(1.0), (None, None)), (c.latent_codes, c.z_dim))
+        else:
+            self.z_mu = dense(c.z_dim, z_axes, dtype=dt)
+            self.z_logvar = dense(c.z_dim, z_axes, dtype=dt)
         if c.latent_dim:
             self.latent_in = dense(d, (None, "embed"), dtype=dt)
         self.scale_head = dense(lh, ("embed", None), dtype=dt)
@@ -254,8 +128,11 @@ class FlowCVAE(nn.Module):
             self.prior_token = self.param(
                 "prior_token",
                 nn.with_logical_partitioning(nn.initializers.normal(1.0), ("embed",)), (d,))
-            self.prior_mu = dense(c.z_dim, z_axes, dtype=dt)
-            self.prior_logvar = dense(c.z_dim, z_axes, dtype=dt)
+            if c.latent_codes:
+                self.prior_logits = dense(c.latent_codes, ("embed", None), dtype=dt)
+            else:
+                self.prior_mu = dense(c.z_dim, z_axes, dtype=dt)
+                self.prior_logvar = dense(c.z_dim, z_axes, dtype=dt)
 
     # --------------------------------------------------------------------------------------
     # Shared context
@@ -342,24 +219,32 @@ class FlowCVAE(nn.Module):
         x = self._run(self.encoder, jnp.concatenate([cls, flow_tokens], axis=1), img, lang,
                       text_mask)
         h = x[:, 0]
+        if self.config.latent_codes:
+            latent = {"z_logits": self.z_logits(h).astype(jnp.float32)}
+        else:
+            latent = {"z_mu": self.z_mu(h).astype(jnp.float32),
+                      "z_logvar": jnp.clip(self.z_logvar(h).astype(jnp.float32), -10.0, 10.0)}
         return {
-            "z_mu": self.z_mu(h).astype(jnp.float32),
-            "z_logvar": jnp.clip(self.z_logvar(h).astype(jnp.float32), -10.0, 10.0),
+            **latent,
             "img_output": self.vision_decoder(x[:, 1 + n:1 + n + img.shape[1]]).astype(
                 jnp.float32),
             "flow_output": self.flow_decoder(x[:, 1:1 + n]).astype(jnp.float32).reshape(
                 b, n, lh, 2),
         }
 
-    def _prior(self, img: Array, lang: Array, text_mask: Array | None) -> tuple[Array, Array]:
-        """(mu, logvar) float[B D] of the prior: N(0, I) or the learned p(z | context)."""
+    def _prior(self, img: Array, lang: Array, text_mask: Array | None) -> dict[str, Array]:
+        """The prior: prior_mu, prior_logvar float[B Z] (N(0, I) or the learned
+        p(z | context)), or prior_logits float[B K] with ``latent_codes``."""
         b, z = img.shape[0], self.config.z_dim
         if not self.config.learned_prior:
-            return jnp.zeros((b, z), jnp.float32), jnp.zeros((b, z), jnp.float32)
+            return {"prior_mu": jnp.zeros((b, z), jnp.float32),
+                    "prior_logvar": jnp.zeros((b, z), jnp.float32)}
         token = jnp.broadcast_to(self.prior_token.astype(self.dtype), (b, 1, self.config.hidden))
         h = self._run(self.encoder, token, img, lang, text_mask)[:, 0]
-        return (self.prior_mu(h).astype(jnp.float32),
-                jnp.clip(self.prior_logvar(h).astype(jnp.float32), -10.0, 10.0))
+        if self.config.latent_codes:
+            return {"prior_logits": self.prior_logits(h).astype(jnp.float32)}
+        return {"prior_mu": self.prior_mu(h).astype(jnp.float32),
+                "prior_logvar": jnp.clip(self.prior_logvar(h).astype(jnp.float32), -10.0, 10.0)}
 
     def _query_tokens(self, query_points: Array, history: Array, z: Array,
                       fmap: Array | None = None) -> Array:
@@ -412,7 +297,8 @@ class FlowCVAE(nn.Module):
           text_mask: bool[B Lt], True for real tokens; None = all valid.
 
         Returns:
-          dict with z_mu float[B Z], z_logvar float[B Z] (clamped to [-10, 10]),
+          dict with z_mu float[B Z], z_logvar float[B Z] (clamped to [-10, 10]) or, with
+          ``latent_codes``, z_logits float[B K],
           img_output float[B P (p q T 3)] (patch pixels in (p q t c) order, the official
           ``_patchify`` layout) and flow_output float[B N L 2].
         """
@@ -457,18 +343,41 @@ class FlowCVAE(nn.Module):
 
         Returns:
           The union of :meth:`encode` and :meth:`decode` outputs plus z float[B Z] (and, with
-          ``learned_prior``, prior_mu and prior_logvar float[B Z]).
+          ``learned_prior``, prior_mu and prior_logvar float[B Z], or prior_logits float[B K]
+          with ``latent_codes``).
         """
         dims = shapes.check(flow, "flow", f"B N {self.config.flow_horizon} 2", dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
         img, lang, fmap = self._embed(history, text_tokens, text_mask)
         post = self._encode(flow, img, lang, text_mask)
-        eps = jax.random.normal(self.make_rng("latent"), post["z_mu"].shape, jnp.float32)
-        z = post["z_mu"] + latent_std(post["z_logvar"], official_std) * eps
+        if self.config.latent_codes:
+            z = code_draw(self.make_rng("latent"), post["z_logits"], self.codebook,
+                          straight_through=True)
+        else:
+            z = gaussian_draw(self.make_rng("latent"), post["z_mu"], post["z_logvar"],
+                              official_std)
         if self.config.learned_prior:
-            post["prior_mu"], post["prior_logvar"] = self._prior(img, lang, text_mask)
+            post.update(self._prior(img, lang, text_mask))
         dec = self._decode(flow[:, :, 0], img, lang, text_mask, z, history, fmap)
         return {**post, "z": z, **dec}
+
+    def latent_mode(self, latent: dict[str, Array]) -> Array:
+        """The most likely latent of a posterior (:meth:`encode`) or a prior.
+
+        Args:
+          latent: a dict with z_mu or prior_mu float[B Z] (Gaussian), or z_logits or
+            prior_logits float[B K] (``latent_codes``).
+
+        Returns:
+          float[B Z]: the mean, or the most probable code.
+        """
+        for key in ("z_logits", "prior_logits", "z_mu", "prior_mu"):
+            if key in latent:
+                if key.endswith("logits"):
+                    return self.codebook[jnp.argmax(latent[key], axis=-1)]
+                return latent[key]
+        raise ValueError(f"latent has none of z_logits, prior_logits, z_mu, prior_mu: "
+                         f"{sorted(latent)}")
 
     def sample(self, query_points: Array, history: Array, text_tokens: Array,
                text_mask: Array | None = None, *,
@@ -488,7 +397,11 @@ class FlowCVAE(nn.Module):
         dims = shapes.check(query_points, "query_points", "B N 2", dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
         img, lang, fmap = self._embed(history, text_tokens, text_mask)
-        mu, logvar = self._prior(img, lang, text_mask)
-        z = mu + latent_std(logvar, official_std) * jax.random.normal(
-            self.make_rng("latent"), mu.shape)
+        prior = self._prior(img, lang, text_mask)
+        if self.config.latent_codes:
+            z = code_draw(self.make_rng("latent"), prior["prior_logits"], self.codebook,
+                          straight_through=False)
+        else:
+            z = gaussian_draw(self.make_rng("latent"), prior["prior_mu"], prior["prior_logvar"],
+                              official_std)
         return {"z": z, **self._decode(query_points, img, lang, text_mask, z, history, fmap)}

@@ -180,9 +180,9 @@ def test_kl_balancing_splits_the_pull_on_the_posterior_and_the_prior():
 
     def grads(c):
         def f(q, p):
-            out = {"z_mu": q[0], "z_logvar": q[1]}
+            out = {"z_mu": q[0], "z_logvar": q[1], "prior_mu": p[0], "prior_logvar": p[1]}
             kl = kl_loss(q[0], q[1], c.kl_batch_sum, c.robust_kl, prior=tuple(p))
-            return _kl_objective(out, tuple(p), kl, c, None)
+            return _kl_objective(out, kl, c, None)
         return jax.grad(f, argnums=(0, 1))(q, p)
 
     plain_q, plain_p = grads(CVAELossConfig(kl=0.1, robust_kl=False))

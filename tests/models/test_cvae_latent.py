@@ -1,0 +1,122 @@
+"""The action module's categorical latent (CVAEConfig.latent_codes): exact KL, draws that
+are codes, the straight-through gradient, and the model and loss wired to it."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flipjax.models.cvae_latent import categorical_kl, code_draw, gaussian_draw
+from flipjax.models.cvae_loss import CVAELossConfig, cvae_loss
+from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
+
+B, N, K = 3, 5, 6
+
+
+def test_categorical_kl_known_answers():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(4, K)).astype(np.float32)
+    p = rng.normal(size=(4, K)).astype(np.float32)
+    qs = np.exp(q) / np.exp(q).sum(-1, keepdims=True)
+    ps = np.exp(p) / np.exp(p).sum(-1, keepdims=True)
+    np.testing.assert_allclose(categorical_kl(q, p), (qs * np.log(qs / ps)).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(categorical_kl(q, q + 3.0), 0.0, atol=1e-6)  # shift-invariant
+    # A certain posterior against a uniform prior costs log K.
+    certain = np.full((1, K), -1e4, np.float32)
+    certain[0, 2] = 0.0
+    np.testing.assert_allclose(categorical_kl(certain, np.zeros((1, K))), np.log(K), rtol=1e-5)
+    with pytest.raises(ValueError, match="p_logits"):
+        categorical_kl(q, p[:, :3])
+
+
+def test_code_draws_are_codes_at_the_softmax_frequencies():
+    logits = jnp.log(jnp.asarray([[0.6, 0.3, 0.1]]))
+    codebook = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    z = jax.vmap(lambda k: code_draw(k, logits, codebook, straight_through=False)[0])(
+        jax.random.split(jax.random.key(0), 4000))
+    match = np.all(np.asarray(z)[:, None] == np.asarray(codebook)[None], axis=-1)   # S K
+    assert np.all(match.sum(-1) == 1)  # every draw is exactly one code
+    np.testing.assert_allclose(match.mean(0), [0.6, 0.3, 0.1], atol=0.03)
+
+
+def test_straight_through_passes_a_gradient_to_the_logits_only_when_asked():
+    logits = jnp.asarray([[0.2, -0.1, 0.4]])
+    codebook = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    key = jax.random.key(3)
+
+    def f(lg, st):
+        return jnp.sum(code_draw(key, lg, codebook, straight_through=st) * jnp.asarray([1.0, 2.0]))
+
+    hard = code_draw(key, logits, codebook, straight_through=False)
+    np.testing.assert_allclose(code_draw(key, logits, codebook, straight_through=True), hard,
+                               atol=1e-6)  # the forward pass is the drawn code
+    assert float(jnp.abs(jax.grad(f)(logits, True)).sum()) > 1e-3
+    np.testing.assert_array_equal(jax.grad(f)(logits, False), 0.0)
+
+
+def test_gaussian_draw_is_the_reparameterised_sample():
+    mu, logvar = jnp.asarray([[1.0, -2.0]]), jnp.asarray([[0.0, 2.0 * np.log(3.0)]])
+    eps = jax.random.normal(jax.random.key(5), (1, 2))
+    np.testing.assert_allclose(gaussian_draw(jax.random.key(5), mu, logvar),
+                               mu + jnp.asarray([[1.0, 3.0]]) * eps, rtol=1e-6)
+
+
+def _model(**kw):
+    cfg = dict(language_dim=8, learned_prior=True, latent_dim=4, latent_codes=K, **kw)
+    m = FlowCVAE(CVAEConfig.variant("tiny", **cfg))
+    rng = np.random.default_rng(0)
+    flow = jnp.asarray(rng.uniform(4, 27, (B, N, 4, 2)), jnp.float32)
+    hist = jnp.asarray(rng.uniform(-1, 1, (B, 2, 32, 32, 3)), jnp.float32)
+    text = jnp.asarray(rng.normal(size=(B, 3, 8)), jnp.float32)
+    params = nn.unbox(m.init({"params": jax.random.key(0), "latent": jax.random.key(1)}, flow,
+                             hist, text)["params"])
+    return m, params, flow, hist, text
+
+
+def test_the_model_draws_codes_from_its_learned_prior():
+    m, params, flow, hist, text = _model()
+    assert {"codebook", "z_logits", "prior_logits"} <= set(params)
+    assert not {"z_mu", "z_logvar", "prior_mu", "prior_logvar"} & set(params)
+    book = np.asarray(params["codebook"])
+    out = m.apply({"params": params}, flow, hist, text, rngs={"latent": jax.random.key(2)})
+    assert out["z_logits"].shape == (B, K) and out["prior_logits"].shape == (B, K)
+    s = m.apply({"params": params}, flow[:, :, 0], hist, text, rngs={"latent": jax.random.key(4)},
+                method=FlowCVAE.sample)
+    for z in (np.asarray(out["z"]), np.asarray(s["z"])):
+        assert np.all(np.isclose(z[:, None], book[None], atol=1e-6).all(-1).sum(-1) == 1)
+    post = m.apply({"params": params}, flow, hist, text, method=FlowCVAE.encode)
+    mode = m.apply({"params": params}, post, method=FlowCVAE.latent_mode)
+    np.testing.assert_array_equal(mode, book[np.argmax(np.asarray(post["z_logits"]), -1)])
+    with pytest.raises(ValueError, match="z_logits, prior_logits"):
+        m.apply({"params": params}, {"z": mode}, method=FlowCVAE.latent_mode)
+
+
+def test_codes_need_a_learned_prior():
+    with pytest.raises(ValueError, match="latent_codes"):
+        CVAEConfig.variant("tiny", latent_codes=4).validate()
+    with pytest.raises(ValueError, match="latent_codes"):
+        CVAEConfig.variant("tiny", learned_prior=True, latent_codes=-1).validate()
+
+
+@pytest.mark.parametrize("prior_kl", [-1.0, 1.0])
+def test_the_loss_trains_the_posterior_the_prior_and_the_codes(prior_kl):
+    m, params, flow, hist, text = _model()
+    c = CVAELossConfig(kl=0.1, kl_batch_sum=False, robust_kl=False, up_weight=1.0,
+                       prior_kl=prior_kl)
+
+    def loss(p):
+        out = m.apply({"params": p}, flow, hist, text, rngs={"latent": jax.random.key(3)})
+        return cvae_loss(out, flow, hist, 8, c)
+
+    terms = loss(params)
+    out = m.apply({"params": params}, flow, hist, text, rngs={"latent": jax.random.key(3)})
+    np.testing.assert_allclose(
+        terms["kl"], np.mean(categorical_kl(out["z_logits"], out["prior_logits"])), rtol=1e-5)
+    g = jax.grad(lambda p: loss(p)["loss"])(params)
+    for name in ("z_logits", "prior_logits"):
+        assert float(jnp.abs(g[name]["kernel"]).sum()) > 0, name
+    assert float(jnp.abs(g["codebook"]).sum()) > 0
+    if prior_kl >= 0:   # balanced: the KL's pull on the prior is prior_kl's alone
+        g_kl = jax.grad(lambda p: loss(p)["kl"])(params)
+        assert float(jnp.abs(g_kl["prior_logits"]["kernel"]).sum()) > 0
