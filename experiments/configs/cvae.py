@@ -49,6 +49,7 @@ def cvae_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         learned_prior=False,  # p(z | observation, language) instead of N(0, I)
         latent_dim=0,  # Z; 0: the model width, as the official model
         latent_codes=0,  # K > 0: a categorical latent over K learned codes (learned prior)
+        prior_components=0,  # K > 0: the learned prior a mixture of K Gaussians
         context_point_features=False,  # the point feature map pooled into the image tokens
         # The point feature map also reads the instruction (FiLM) and the pixel coordinates
         point_feature_language=False, point_feature_coords=False,

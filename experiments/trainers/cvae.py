@@ -101,9 +101,9 @@ def make_loss_fn(model: FlowCVAE, objective: CVAELossConfig = CVAELossConfig()) 
             terms["best_of_many"] = best_of_many_ade(samples, x["flow"])
             terms["loss"] = terms["loss"] + objective.best_of_many_weight * terms["best_of_many"]
         if objective.prior_mean_ade > 0:
-            if "prior_mu" not in out:
-                raise ValueError("loss.prior_mean_ade needs model.learned_prior=True and a "
-                                 "Gaussian latent (model.latent_codes=0)")
+            if "prior_mu" not in out or "prior_logits" in out:
+                raise ValueError("loss.prior_mean_ade needs model.learned_prior=True and one "
+                                 "Gaussian (model.latent_codes=0, model.prior_components=0)")
             mean = model.apply({"params": params}, x["flow"][:, :, 0], x["history"],
                                x["text_tokens"], x["text_mask"], out["prior_mu"],
                                method=FlowCVAE.decode)["flow"]

@@ -71,6 +71,11 @@ class CVAEConfig:
         on; 0 = official (Gaussian). A Gaussian prior wider than the posteriors put most of
         its samples where the decoder had learned no motion (docs/LEARNING.md). Needs
         ``learned_prior``.
+      prior_components: K > 0 makes the learned prior a mixture of K diagonal Gaussians
+        (weights, means and variances from the context); the posterior stays Gaussian and the
+        KL is estimated at its draw. 0 = one Gaussian. A single Gaussian has to be as wide as
+        the scene's alternative motions together; a mixture can sit on each. Needs
+        ``learned_prior`` and ``latent_codes`` = 0.
     """
 
     hidden: int = 384
@@ -94,6 +99,7 @@ class CVAEConfig:
     point_feature_language: bool = False
     point_feature_coords: bool = False
     latent_codes: int = 0
+    prior_components: int = 0
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> CVAEConfig:
@@ -137,6 +143,10 @@ class CVAEConfig:
         if self.latent_codes < 0 or (self.latent_codes and not self.learned_prior):
             raise ValueError(f"latent_codes must be 0 or > 0 with learned_prior=True, got "
                              f"{self.latent_codes} (learned_prior={self.learned_prior})")
+        if self.prior_components < 0 or (self.prior_components and (
+                not self.learned_prior or self.latent_codes)):
+            raise ValueError(f"prior_components must be 0 or > 0 with learned_prior=True and "
+                             f"latent_codes=0, got {self.prior_components}")
         for flag in ("context_point_features", "point_feature_language",
                      "point_feature_coords"):
             if getattr(self, flag) and not self.point_features:

@@ -68,3 +68,44 @@ def categorical_kl(q_logits: Array, p_logits: Array) -> Array:
     log_q = jax.nn.log_softmax(q_logits.astype(jnp.float32), axis=-1)
     log_p = jax.nn.log_softmax(p_logits.astype(jnp.float32), axis=-1)
     return jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+
+
+def gaussian_log_prob(z: Array, mu: Array, logvar: Array) -> Array:
+    """log N(z; mu, exp(logvar)) summed over the last axis (diagonal), float[...]."""
+    return -0.5 * jnp.sum(logvar + jnp.log(2.0 * jnp.pi) + (z - mu) ** 2 * jnp.exp(-logvar),
+                          axis=-1)
+
+
+def mixture_log_prob(z: Array, logits: Array, mu: Array, logvar: Array) -> Array:
+    """log of a diagonal Gaussian mixture's density at z.
+
+    Args:
+      z: float[B Z].
+      logits: float[B K] component weights (unnormalised).
+      mu, logvar: float[B K Z] component means and log-variances.
+
+    Returns:
+      float[B].
+    """
+    dims = shapes.check(z, "z", "B Z", dtype="float")
+    dims = shapes.check(logits, "logits", "B K", dims, dtype="float")
+    shapes.check(mu, "mu", "B K Z", dims, dtype="float")
+    shapes.check(logvar, "logvar", "B K Z", dims, dtype="float")
+    per = gaussian_log_prob(z[:, None], mu, logvar)                       # B K
+    return jax.nn.logsumexp(jax.nn.log_softmax(logits, axis=-1) + per, axis=-1)
+
+
+def mixture_draw(key: Array, logits: Array, mu: Array, logvar: Array) -> Array:
+    """One draw per example from a diagonal Gaussian mixture (float[B K], float[B K Z] x2),
+    float[B Z]: a component from softmax(logits), then its Gaussian."""
+    pick, noise = jax.random.split(key)
+    k = jax.random.categorical(pick, logits.astype(jnp.float32), axis=-1)
+    take = jax.vmap(lambda a, i: a[i])
+    return gaussian_draw(noise, take(mu, k), take(logvar, k))
+
+
+def mixture_kl(z: Array, q_mu: Array, q_logvar: Array, p_logits: Array, p_mu: Array,
+               p_logvar: Array) -> Array:
+    """One-sample estimate of KL(q || p) for a Gaussian posterior and a mixture prior (no
+    closed form): log q(z) - log p(z) at the posterior's draw z, float[B]."""
+    return gaussian_log_prob(z, q_mu, q_logvar) - mixture_log_prob(z, p_logits, p_mu, p_logvar)

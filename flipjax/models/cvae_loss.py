@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from flipjax import shapes
-from flipjax.models.cvae_latent import categorical_kl
+from flipjax.models.cvae_latent import categorical_kl, mixture_kl
 from flipjax.typing import Array
 
 
@@ -263,6 +263,11 @@ def _kl(outputs: dict[str, Array], c: CVAELossConfig, *, posterior_grad: bool = 
     p_sg = (lambda x: x) if prior_grad else jax.lax.stop_gradient
     if "z_logits" in outputs:
         kl = categorical_kl(q_sg(outputs["z_logits"]), p_sg(outputs["prior_logits"]))
+        return reduce_kl(kl, c.kl_batch_sum, c.robust_kl, c.free_nats)
+    if "prior_logits" in outputs:   # a mixture prior, the KL at the posterior's draw
+        kl = mixture_kl(q_sg(outputs["z"]), q_sg(outputs["z_mu"]), q_sg(outputs["z_logvar"]),
+                        *(p_sg(outputs[k]) for k in ("prior_logits", "prior_mu",
+                                                      "prior_logvar")))
         return reduce_kl(kl, c.kl_batch_sum, c.robust_kl, c.free_nats)
     prior = ((p_sg(outputs["prior_mu"]), p_sg(outputs["prior_logvar"]))
              if "prior_mu" in outputs else None)

@@ -41,6 +41,7 @@ from flipjax.models.cvae_latent import (  # noqa: F401 (latent_std re-exported)
     code_draw,
     gaussian_draw,
     latent_std,
+    mixture_draw,
 )
 from flipjax.models.layers import (
     Dtype,
@@ -128,9 +129,13 @@ class FlowCVAE(nn.Module):
             self.prior_token = self.param(
                 "prior_token",
                 nn.with_logical_partitioning(nn.initializers.normal(1.0), ("embed",)), (d,))
-            if c.latent_codes:
-                self.prior_logits = dense(c.latent_codes, ("embed", None), dtype=dt)
-            else:
+            if c.latent_codes or c.prior_components:
+                self.prior_logits = dense(c.latent_codes or c.prior_components,
+                                          ("embed", None), dtype=dt)
+            if c.prior_components:
+                self.prior_mu = dense(c.prior_components * c.z_dim, z_axes, dtype=dt)
+                self.prior_logvar = dense(c.prior_components * c.z_dim, z_axes, dtype=dt)
+            elif not c.latent_codes:
                 self.prior_mu = dense(c.z_dim, z_axes, dtype=dt)
                 self.prior_logvar = dense(c.z_dim, z_axes, dtype=dt)
 
@@ -243,6 +248,12 @@ class FlowCVAE(nn.Module):
         h = self._run(self.encoder, token, img, lang, text_mask)[:, 0]
         if self.config.latent_codes:
             return {"prior_logits": self.prior_logits(h).astype(jnp.float32)}
+        if self.config.prior_components:
+            k = (b, self.config.prior_components, z)
+            return {"prior_logits": self.prior_logits(h).astype(jnp.float32),
+                    "prior_mu": self.prior_mu(h).astype(jnp.float32).reshape(k),
+                    "prior_logvar": jnp.clip(self.prior_logvar(h).astype(jnp.float32),
+                                             -10.0, 10.0).reshape(k)}
         return {"prior_mu": self.prior_mu(h).astype(jnp.float32),
                 "prior_logvar": jnp.clip(self.prior_logvar(h).astype(jnp.float32), -10.0, 10.0)}
 
@@ -371,6 +382,9 @@ class FlowCVAE(nn.Module):
         Returns:
           float[B Z]: the mean, or the most probable code.
         """
+        if "prior_logits" in latent and "prior_mu" in latent:   # a mixture: its top mean
+            top = jnp.argmax(latent["prior_logits"], axis=-1)
+            return jax.vmap(lambda m, i: m[i])(latent["prior_mu"], top)
         for key in ("z_logits", "prior_logits", "z_mu", "prior_mu"):
             if key in latent:
                 if key.endswith("logits"):
@@ -401,6 +415,9 @@ class FlowCVAE(nn.Module):
         if self.config.latent_codes:
             z = code_draw(self.make_rng("latent"), prior["prior_logits"], self.codebook,
                           straight_through=False)
+        elif self.config.prior_components:
+            z = mixture_draw(self.make_rng("latent"), prior["prior_logits"],
+                             prior["prior_mu"], prior["prior_logvar"])
         else:
             z = gaussian_draw(self.make_rng("latent"), prior["prior_mu"], prior["prior_logvar"],
                               official_std)

@@ -63,7 +63,8 @@ def test_gaussian_draw_is_the_reparameterised_sample():
 
 
 def _model(**kw):
-    cfg = dict(language_dim=8, learned_prior=True, latent_dim=4, latent_codes=K, **kw)
+    cfg = dict(language_dim=8, learned_prior=True, latent_dim=4, latent_codes=K)
+    cfg.update(kw)
     m = FlowCVAE(CVAEConfig.variant("tiny", **cfg))
     rng = np.random.default_rng(0)
     flow = jnp.asarray(rng.uniform(4, 27, (B, N, 4, 2)), jnp.float32)
@@ -120,3 +121,70 @@ def test_the_loss_trains_the_posterior_the_prior_and_the_codes(prior_kl):
     if prior_kl >= 0:   # balanced: the KL's pull on the prior is prior_kl's alone
         g_kl = jax.grad(lambda p: loss(p)["kl"])(params)
         assert float(jnp.abs(g_kl["prior_logits"]["kernel"]).sum()) > 0
+
+
+def test_mixture_density_against_a_direct_sum():
+    from flipjax.models.cvae_latent import gaussian_log_prob, mixture_log_prob
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(2, 3)).astype(np.float32)
+    logits = rng.normal(size=(2, 4)).astype(np.float32)
+    mu = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    logvar = rng.normal(scale=0.5, size=(2, 4, 3)).astype(np.float32)
+    w = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    var = np.exp(logvar)
+    dens = np.prod(np.exp(-0.5 * (z[:, None] - mu) ** 2 / var) / np.sqrt(2 * np.pi * var), -1)
+    np.testing.assert_allclose(mixture_log_prob(z, logits, mu, logvar),
+                               np.log((w * dens).sum(-1)), rtol=1e-5)
+    # One component is its Gaussian.
+    np.testing.assert_allclose(mixture_log_prob(z, logits[:, :1], mu[:, :1], logvar[:, :1]),
+                               gaussian_log_prob(z, mu[:, 0], logvar[:, 0]), rtol=1e-6)
+    with pytest.raises(ValueError, match="mu"):
+        mixture_log_prob(z, logits, mu[:, :2], logvar)
+
+
+def test_mixture_kl_estimate_is_unbiased_for_one_component():
+    from flipjax.models.cvae_latent import mixture_kl
+    from flipjax.models.cvae_loss import kl_divergence
+    q_mu, q_lv = jnp.asarray([[0.5, -1.0]]), jnp.asarray([[-0.5, 0.3]])
+    p_mu, p_lv = jnp.asarray([[[0.0, 0.2]]]), jnp.asarray([[[0.4, -0.2]]])
+    z = jax.vmap(lambda k: gaussian_draw(k, q_mu, q_lv)[0])(
+        jax.random.split(jax.random.key(0), 20000))
+    est = jax.vmap(lambda zz: mixture_kl(zz[None], q_mu, q_lv, jnp.zeros((1, 1)), p_mu,
+                                         p_lv)[0])(z)
+    exact = kl_divergence(q_mu, q_lv, prior=(p_mu[:, 0], p_lv[:, 0]))[0]
+    assert abs(float(est.mean()) - float(exact)) < 0.03 * float(exact) + 0.01
+
+
+def test_mixture_draws_pick_components_at_their_weights():
+    from flipjax.models.cvae_latent import mixture_draw
+    logits = jnp.log(jnp.asarray([[0.7, 0.3]]))
+    mu = jnp.asarray([[[-10.0], [10.0]]])
+    lv = jnp.full((1, 2, 1), -4.0)
+    z = jax.vmap(lambda k: mixture_draw(k, logits, mu, lv)[0, 0])(
+        jax.random.split(jax.random.key(1), 4000))
+    assert np.all(np.abs(np.abs(np.asarray(z)) - 10.0) < 1.0)
+    np.testing.assert_allclose(np.mean(np.asarray(z) > 0), 0.3, atol=0.03)
+
+
+def test_the_model_with_a_mixture_prior():
+    m, params, flow, hist, text = _model(latent_codes=0, prior_components=3)
+    out = m.apply({"params": params}, flow, hist, text, rngs={"latent": jax.random.key(2)})
+    assert out["prior_mu"].shape == (B, 3, 4) and out["prior_logits"].shape == (B, 3)
+    assert out["z_mu"].shape == (B, 4)
+    s = m.apply({"params": params}, flow[:, :, 0], hist, text, rngs={"latent": jax.random.key(4)},
+                method=FlowCVAE.sample)
+    assert s["flow"].shape == flow.shape
+    prior = {k: out[k] for k in ("prior_logits", "prior_mu", "prior_logvar")}
+    top = np.argmax(np.asarray(out["prior_logits"]), -1)
+    np.testing.assert_array_equal(m.apply({"params": params}, prior, method=FlowCVAE.latent_mode),
+                                  np.asarray(out["prior_mu"])[np.arange(B), top])
+    c = CVAELossConfig(kl=0.1, kl_batch_sum=False, robust_kl=False, up_weight=1.0)
+    g = jax.grad(lambda p: cvae_loss(m.apply({"params": p}, flow, hist, text,
+                                             rngs={"latent": jax.random.key(3)}),
+                                     flow, hist, 8, c)["kl"])(params)
+    for name in ("prior_logits", "prior_mu", "prior_logvar", "z_mu", "z_logvar"):
+        assert float(jnp.abs(g[name]["kernel"]).sum()) > 0, name
+    for bad in (dict(prior_components=2), dict(learned_prior=True, latent_codes=2,
+                                                prior_components=2)):
+        with pytest.raises(ValueError, match="prior_components"):
+            CVAEConfig.variant("tiny", **bad).validate()
