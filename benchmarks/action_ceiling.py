@@ -75,8 +75,7 @@ def _proposer(cvae: Any, params: Any, candidates: int) -> Any:
 
     @jax.jit
     def prior_mean(hist, text, mask, queries):
-        img, lang, _ = apply(hist, text, mask, method=FlowCVAE._embed)
-        mode = apply(apply(img, lang, mask, method=FlowCVAE._prior),
+        mode = apply(apply(queries, hist, text, mask, method=FlowCVAE.prior),
                      method=FlowCVAE.latent_mode)
         return apply(queries, hist, text, mask, mode, method=FlowCVAE.decode)["flow"][0]
 

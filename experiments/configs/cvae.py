@@ -50,6 +50,8 @@ def cvae_config(size: str, runlocal: bool = False) -> ml_collections.ConfigDict:
         latent_dim=0,  # Z; 0: the model width, as the official model
         latent_codes=0,  # K > 0: a categorical latent over K learned codes (learned prior)
         prior_components=0,  # K > 0: the learned prior a mixture of K Gaussians
+        prior_layers=0,  # > 0: the learned prior's own transformer layers (0: the encoder's)
+        prior_queries=False,  # the learned prior also reads the query points' tokens
         context_point_features=False,  # the point feature map pooled into the image tokens
         # The point feature map also reads the instruction (FiLM) and the pixel coordinates
         point_feature_language=False, point_feature_coords=False,

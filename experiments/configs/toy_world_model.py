@@ -124,7 +124,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    # Measured and left off (docs/LEARNING.md, "What the action module
                    # reads"); here so that --config.cvae.<field> can turn them on.
                    point_feature_language=False, point_feature_coords=False,
-                   latent_codes=0, prior_components=0,
+                   latent_codes=0, prior_components=0, prior_layers=0,
+                   prior_queries=False,
                    # The tiny size's width and depth (0), overridable for capacity studies.
                    hidden=0, encoder_layers=0, decoder_layers=0),
         loss=dict(up_weight=1.0, kl=0.1, kl_batch_sum=False, robust_kl=False,

@@ -76,6 +76,12 @@ class CVAEConfig:
         KL is estimated at its draw. 0 = one Gaussian. A single Gaussian has to be as wide as
         the scene's alternative motions together; a mixture can sit on each. Needs
         ``learned_prior`` and ``latent_codes`` = 0.
+      prior_layers: > 0 gives the learned prior its own transformer layers over
+        [prior token | image | language]; 0 = it runs the posterior encoder's layers (whose
+        weights are trained mostly to read the flow) with its own token and heads.
+      prior_queries: the learned prior also reads the query points' tokens (coordinates and
+        sampled point features, no latent): p(z | observation, language, query points). The
+        patch tokens average a few-pixel motion away; the points' features keep it.
     """
 
     hidden: int = 384
@@ -100,6 +106,8 @@ class CVAEConfig:
     point_feature_coords: bool = False
     latent_codes: int = 0
     prior_components: int = 0
+    prior_layers: int = 0
+    prior_queries: bool = False
 
     @classmethod
     def variant(cls, name: str, **overrides: Any) -> CVAEConfig:
@@ -147,6 +155,11 @@ class CVAEConfig:
                 not self.learned_prior or self.latent_codes)):
             raise ValueError(f"prior_components must be 0 or > 0 with learned_prior=True and "
                              f"latent_codes=0, got {self.prior_components}")
+        if self.prior_queries and not self.learned_prior:
+            raise ValueError("prior_queries needs learned_prior=True")
+        if self.prior_layers < 0 or (self.prior_layers and not self.learned_prior):
+            raise ValueError(f"prior_layers must be 0 or > 0 with learned_prior=True, got "
+                             f"{self.prior_layers}")
         for flag in ("context_point_features", "point_feature_language",
                      "point_feature_coords"):
             if getattr(self, flag) and not self.point_features:

@@ -129,6 +129,9 @@ class FlowCVAE(nn.Module):
             self.prior_token = self.param(
                 "prior_token",
                 nn.with_logical_partitioning(nn.initializers.normal(1.0), ("embed",)), (d,))
+            if c.prior_layers:
+                self.prior_encoder = [PostLNEncoderLayer(c.num_heads, d, dtype=dt)
+                                      for _ in range(c.prior_layers)]
             if c.latent_codes or c.prior_components:
                 self.prior_logits = dense(c.latent_codes or c.prior_components,
                                           ("embed", None), dtype=dt)
@@ -237,15 +240,22 @@ class FlowCVAE(nn.Module):
                 b, n, lh, 2),
         }
 
-    def _prior(self, img: Array, lang: Array, text_mask: Array | None) -> dict[str, Array]:
+    def _prior(self, img: Array, lang: Array, text_mask: Array | None,
+               points: Array | None = None) -> dict[str, Array]:
         """The prior: prior_mu, prior_logvar float[B Z] (N(0, I) or the learned
-        p(z | context)), or prior_logits float[B K] with ``latent_codes``."""
+        p(z | context)), or prior_logits float[B K] with ``latent_codes``; ``points``: the
+        query points' tokens float[B N D], read with ``prior_queries``."""
         b, z = img.shape[0], self.config.z_dim
         if not self.config.learned_prior:
             return {"prior_mu": jnp.zeros((b, z), jnp.float32),
                     "prior_logvar": jnp.zeros((b, z), jnp.float32)}
         token = jnp.broadcast_to(self.prior_token.astype(self.dtype), (b, 1, self.config.hidden))
-        h = self._run(self.encoder, token, img, lang, text_mask)[:, 0]
+        if self.config.prior_queries:
+            if points is None:
+                raise ValueError("prior_queries: the prior needs the query points' tokens")
+            token = jnp.concatenate([token, points], axis=1)
+        layers = self.prior_encoder if self.config.prior_layers else self.encoder
+        h = self._run(layers, token, img, lang, text_mask)[:, 0]
         if self.config.latent_codes:
             return {"prior_logits": self.prior_logits(h).astype(jnp.float32)}
         if self.config.prior_components:
@@ -257,8 +267,9 @@ class FlowCVAE(nn.Module):
         return {"prior_mu": self.prior_mu(h).astype(jnp.float32),
                 "prior_logvar": jnp.clip(self.prior_logvar(h).astype(jnp.float32), -10.0, 10.0)}
 
-    def _query_tokens(self, query_points: Array, history: Array, z: Array,
+    def _point_tokens(self, query_points: Array, history: Array,
                       fmap: Array | None = None) -> Array:
+        """float[B N D] query tokens without the latent: coordinates and point features."""
         c = self.config
         coords = query_points.astype(jnp.float32)
         if c.unit_coords:
@@ -270,7 +281,12 @@ class FlowCVAE(nn.Module):
             sampled = jax.vmap(lambda f, p: bilinear_sample(f, p)[0])(
                 fmap, query_points.astype(jnp.float32))
             q = q + self.point_feature_encoder(sampled.astype(self.dtype))
-        if c.latent_to_queries:
+        return q
+
+    def _query_tokens(self, query_points: Array, history: Array, z: Array,
+                      fmap: Array | None = None) -> Array:
+        q = self._point_tokens(query_points, history, fmap)
+        if self.config.latent_to_queries:
             q = q + self.latent_to_query(z.astype(self.dtype))[:, None]
         return q
 
@@ -368,9 +384,36 @@ class FlowCVAE(nn.Module):
             z = gaussian_draw(self.make_rng("latent"), post["z_mu"], post["z_logvar"],
                               official_std)
         if self.config.learned_prior:
-            post.update(self._prior(img, lang, text_mask))
+            post.update(self._prior(img, lang, text_mask,
+                                    self._prior_points(flow[:, :, 0], history, fmap)))
         dec = self._decode(flow[:, :, 0], img, lang, text_mask, z, history, fmap)
         return {**post, "z": z, **dec}
+
+    def _prior_points(self, query_points: Array, history: Array,
+                      fmap: Array | None) -> Array | None:
+        if not self.config.prior_queries:
+            return None
+        return self._point_tokens(query_points, history, fmap)
+
+    def prior(self, query_points: Array, history: Array, text_tokens: Array,
+              text_mask: Array | None = None) -> dict[str, Array]:
+        """The prior p(z | observation, language[, query points]) (see :meth:`_prior`).
+
+        Args:
+          query_points: float[B N 2] start points (read with ``prior_queries``).
+          history: float[B T H W 3] observation frames.
+          text_tokens: float[B Lt Dl] sentence features.
+          text_mask: bool[B Lt], True for real tokens; None = all valid.
+
+        Returns:
+          prior_mu, prior_logvar float[B Z] (float[B K Z] with ``prior_components``) and,
+          with codes or components, prior_logits float[B K].
+        """
+        dims = shapes.check(query_points, "query_points", "B N 2", dtype="float")
+        self._check_context(history, text_tokens, text_mask, dims)
+        img, lang, fmap = self._embed(history, text_tokens, text_mask)
+        return self._prior(img, lang, text_mask,
+                           self._prior_points(query_points, history, fmap))
 
     def latent_mode(self, latent: dict[str, Array]) -> Array:
         """The most likely latent of a posterior (:meth:`encode`) or a prior.
@@ -411,7 +454,7 @@ class FlowCVAE(nn.Module):
         dims = shapes.check(query_points, "query_points", "B N 2", dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
         img, lang, fmap = self._embed(history, text_tokens, text_mask)
-        prior = self._prior(img, lang, text_mask)
+        prior = self._prior(img, lang, text_mask, self._prior_points(query_points, history, fmap))
         if self.config.latent_codes:
             z = code_draw(self.make_rng("latent"), prior["prior_logits"], self.codebook,
                           straight_through=False)

@@ -188,3 +188,34 @@ def test_the_model_with_a_mixture_prior():
                                                 prior_components=2)):
         with pytest.raises(ValueError, match="prior_components"):
             CVAEConfig.variant("tiny", **bad).validate()
+
+
+def test_the_prior_can_have_its_own_layers():
+    m, params, flow, hist, text = _model(latent_codes=0, prior_layers=1)
+    assert "prior_encoder_0" in params and "prior_encoder_1" not in params
+    # The prior reads its own layers: changing the encoder's leaves it, changing its own moves it.
+    def prior(p):
+        return m.apply({"params": p}, flow[:, :, 0], hist, text,
+                       method=FlowCVAE.prior)["prior_mu"]
+
+    base = prior(params)
+    for name, moves in (("encoder_0", False), ("prior_encoder_0", True)):
+        changed = jax.tree.map(lambda x: x * 1.5, params[name])
+        diff = float(jnp.abs(prior({**params, name: changed}) - base).max())
+        assert (diff > 1e-4) == moves, name
+    with pytest.raises(ValueError, match="prior_layers"):
+        CVAEConfig.variant("tiny", prior_layers=1).validate()
+
+
+def test_the_prior_reads_the_query_points_only_when_asked():
+    for on in (False, True):
+        m, params, flow, hist, text = _model(latent_codes=0, prior_queries=on)
+        a = m.apply({"params": params}, flow[:, :, 0], hist, text, method=FlowCVAE.prior)
+        b = m.apply({"params": params}, flow[:, :, 0] + 3.0, hist, text, method=FlowCVAE.prior)
+        moved = float(jnp.abs(a["prior_mu"] - b["prior_mu"]).max())
+        assert (moved > 1e-4) == on
+        # Training and sampling read the prior at the same points as FlowCVAE.prior.
+        out = m.apply({"params": params}, flow, hist, text, rngs={"latent": jax.random.key(0)})
+        np.testing.assert_allclose(out["prior_mu"], a["prior_mu"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="prior_queries"):
+        CVAEConfig.variant("tiny", prior_queries=True).validate()
