@@ -129,7 +129,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    # The tiny size's width and depth (0), overridable for capacity studies.
                    hidden=0, encoder_layers=0, decoder_layers=0),
         loss=dict(up_weight=1.0, kl=0.1, kl_batch_sum=False, robust_kl=False,
-                  best_of_many=0, prior_mean_ade=0.0),
+                  best_of_many=0, prior_mean_ade=0.0, prior_kl=-1.0),
     ))
     # Dynamics module on the pixel codec at factor 2 (16x16x12 latents) in 2x2 patches: the
     # same 64 tokens of 48 values per frame as factor 4 in 1x1 patches, at the same cost, but
