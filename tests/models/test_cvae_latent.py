@@ -1,7 +1,6 @@
 """The action module's categorical latent (CVAEConfig.latent_codes): exact KL, draws that
 are codes, the straight-through gradient, and the model and loss wired to it."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +9,10 @@ import pytest
 from flipjax.models.cvae_latent import categorical_kl, code_draw, gaussian_draw
 from flipjax.models.cvae_loss import CVAELossConfig, cvae_loss
 from flipjax.models.flow_cvae import CVAEConfig, FlowCVAE
+from tests.models.test_flow_cvae_departures import B
+from tests.models.test_flow_cvae_departures import _model as _departures_model
 
-B, N, K = 3, 5, 6
+K = 6
 
 
 def test_categorical_kl_known_answers():
@@ -63,16 +64,9 @@ def test_gaussian_draw_is_the_reparameterised_sample():
 
 
 def _model(**kw):
-    cfg = dict(language_dim=8, learned_prior=True, latent_dim=4, latent_codes=K)
+    cfg = dict(learned_prior=True, latent_dim=4, latent_codes=K)
     cfg.update(kw)
-    m = FlowCVAE(CVAEConfig.variant("tiny", **cfg))
-    rng = np.random.default_rng(0)
-    flow = jnp.asarray(rng.uniform(4, 27, (B, N, 4, 2)), jnp.float32)
-    hist = jnp.asarray(rng.uniform(-1, 1, (B, 2, 32, 32, 3)), jnp.float32)
-    text = jnp.asarray(rng.normal(size=(B, 3, 8)), jnp.float32)
-    params = nn.unbox(m.init({"params": jax.random.key(0), "latent": jax.random.key(1)}, flow,
-                             hist, text)["params"])
-    return m, params, flow, hist, text
+    return _departures_model(**cfg)
 
 
 def test_the_model_draws_codes_from_its_learned_prior():
