@@ -98,3 +98,15 @@ def test_tiny_planner_compiles_for_a_v5e_slice(tmp_path):
     assert f["flops_per_chip"] > 0 and 0 < f["hbm_per_chip_bytes"] < f["hbm_capacity_bytes"]
     # Problems are independent: nothing is exchanged between chips but the replicated inputs.
     assert f["collectives"]["all-gather"]["count"] == f["collectives"]["all-to-all"]["count"] == 0
+
+
+def test_sweep_meshes_cover_the_slice_and_divide_the_model_widths():
+    from benchmarks import pod_sweep
+    for case in pod_sweep.cases(quick=False):
+        mesh = next(f for f in case["flags"] if f.startswith("--mesh="))
+        data, fsdp, tensor = (int(x) for x in mesh.split("=")[1].split(","))
+        if data == -1:   # data parallel over every chip
+            continue
+        assert data * fsdp * tensor == pod_sweep.CHIPS[case["slice"]], case["name"]
+        # FSDP splits the 384- and 768-wide parameters: over 256 chips it could not.
+        assert 384 % fsdp == 0 and 768 % fsdp == 0, case["name"]
