@@ -284,20 +284,22 @@ class FlowCVAE(nn.Module):
         return q
 
     def _query_tokens(self, query_points: Array, history: Array, z: Array,
-                      fmap: Array | None = None) -> Array:
-        q = self._point_tokens(query_points, history, fmap)
+                      fmap: Array | None = None, points: Array | None = None) -> Array:
+        # points: the latent-free tokens when the caller already built them for the prior.
+        q = self._point_tokens(query_points, history, fmap) if points is None else points
         if self.config.latent_to_queries:
             q = q + self.latent_to_query(z.astype(self.dtype))[:, None]
         return q
 
     def _decode(self, query_points: Array, img: Array, lang: Array, text_mask: Array | None,
-                z: Array, history: Array, fmap: Array | None = None) -> dict[str, Array]:
+                z: Array, history: Array, fmap: Array | None = None,
+                points: Array | None = None) -> dict[str, Array]:
         b, n, _ = query_points.shape
         lh = self.config.flow_horizon
         z = z.astype(self.dtype)
         if self.config.latent_dim:
             z = self.latent_in(z)
-        q = self._query_tokens(query_points, history, z, fmap)
+        q = self._query_tokens(query_points, history, z, fmap, points)
         prefix = jnp.concatenate([z[:, None], q], axis=1)
         h = self._run(self.decoder, prefix, img, lang, text_mask)[:, 1:1 + n]
         # The heads predict L steps; the last one has no successor and is dropped (official).
@@ -383,10 +385,10 @@ class FlowCVAE(nn.Module):
         else:
             z = gaussian_draw(self.make_rng("latent"), post["z_mu"], post["z_logvar"],
                               official_std)
+        points = self._prior_points(flow[:, :, 0], history, fmap)
         if self.config.learned_prior:
-            post.update(self._prior(img, lang, text_mask,
-                                    self._prior_points(flow[:, :, 0], history, fmap)))
-        dec = self._decode(flow[:, :, 0], img, lang, text_mask, z, history, fmap)
+            post.update(self._prior(img, lang, text_mask, points))
+        dec = self._decode(flow[:, :, 0], img, lang, text_mask, z, history, fmap, points)
         return {**post, "z": z, **dec}
 
     def _prior_points(self, query_points: Array, history: Array,
@@ -454,7 +456,8 @@ class FlowCVAE(nn.Module):
         dims = shapes.check(query_points, "query_points", "B N 2", dtype="float")
         self._check_context(history, text_tokens, text_mask, dims)
         img, lang, fmap = self._embed(history, text_tokens, text_mask)
-        prior = self._prior(img, lang, text_mask, self._prior_points(query_points, history, fmap))
+        points = self._prior_points(query_points, history, fmap)
+        prior = self._prior(img, lang, text_mask, points)
         if self.config.latent_codes:
             z = code_draw(self.make_rng("latent"), prior["prior_logits"], self.codebook,
                           straight_through=False)
@@ -464,4 +467,5 @@ class FlowCVAE(nn.Module):
         else:
             z = gaussian_draw(self.make_rng("latent"), prior["prior_mu"], prior["prior_logvar"],
                               official_std)
-        return {"z": z, **self._decode(query_points, img, lang, text_mask, z, history, fmap)}
+        return {"z": z, **self._decode(query_points, img, lang, text_mask, z, history, fmap,
+                                       points)}
